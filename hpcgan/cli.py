@@ -1,0 +1,82 @@
+"""The `hpcgan` command: a thin dispatcher. Each command lives in its own module, which
+provides `add_arguments(parser)` and `run(args) -> int | None`; this file only maps names to
+modules, so `hpcgan --help` stays fast and imports no torch."""
+import argparse
+import importlib
+import sys
+
+from hpcgan import __version__
+from hpcgan.errors import HpcganError, UsageError
+
+# name -> (module, one-line help). A command appears here only once it works.
+COMMANDS = {
+    "doctor": ("hpcgan.doctor", "check Python, torch, MPI, mpi4py, h5py, nibabel, Horovod and Slurm"),
+    "sample-data": ("hpcgan.sample_data", "write real brain MRI volumes that ship inside installed packages"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="log at DEBUG on every rank and show tracebacks")
+    return common
+
+
+def build_parser(command: str | None = None) -> ArgumentParser:
+    parser = ArgumentParser(prog="hpcgan", description=__doc__.split("\n")[0], parents=[_common_flags()])
+    parser.add_argument("--version", action="version", version=f"hpcgan {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name) if name == command else None
+        description = (module.__doc__ or help_text).strip() if module else help_text
+        p = sub.add_parser(name, help=help_text, description=description, parents=[_common_flags()],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if module:
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def _wanted_command(argv):
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_wanted_command(argv))
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from hpcgan.log import setup_logging
+
+    setup_logging(debug=args.debug)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"hpcgan {args.command}: interrupted\n")
+        return 130
+    except Exception as exc:  # one line, no traceback unless --debug
+        if args.debug:
+            raise
+        if isinstance(exc, HpcganError):
+            code, text = exc.exit_code, str(exc)
+        elif isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            code, text = 1, f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        else:
+            code, text = 1, f"{type(exc).__name__}: {exc}"
+        sys.stderr.write(f"hpcgan {args.command}: error: {text}\n")
+        sys.stderr.flush()
+        if not isinstance(exc, UsageError):
+            # A runtime failure on one rank must end the whole job, not leave the others in a collective.
+            from hpcgan.dist import abort_job
+
+            abort_job(code)
+        return code

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Set up hpcgan on a fresh Debian/Ubuntu machine or a cluster login node. Idempotent: a second
+# run only checks. Called by `make setup` (and so by `make test` / `make demo`).
+#
+# What it does, in order:
+#   1. MPI: uses the mpicc/mpirun on PATH; only if none is found and we are root, installs
+#      Debian's openmpi-bin + libopenmpi-dev. Otherwise it stops and says how to load a module.
+#   2. As root on Debian/Ubuntu, also: cmake and g++ (to build Horovod), mricron-data (Colin27 MRI).
+#   3. A virtual environment in .venv with torch (kept if already there, e.g. a CUDA build you
+#      installed yourself; else $HPCGAN_TORCH, default torch==2.13.0), mpi4py built against the
+#      MPI on PATH, and hpcgan with its dependencies.
+#   4. Horovod 0.28.1 built from its PyPI sdist (sha256-pinned) with one patch: its CMake files ask
+#      for C++14, torch >= 2.1 headers need C++17; both lines are set to 17 (upstream PR #3998,
+#      never released). PyTorch only; MPI + Gloo controllers; NCCL when torch has CUDA. The wheel
+#      is cached in $HPCGAN_CACHE (default ~/.cache/hpcgan), keyed by the Horovod, torch, CUDA,
+#      MPI and Python versions, so it is built once per machine.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${HPCGAN_VENV:-$ROOT/.venv}
+CACHE=${HPCGAN_CACHE:-$HOME/.cache/hpcgan}
+TORCH_SPEC=${HPCGAN_TORCH:-torch==2.13.0}
+HOROVOD_VERSION=0.28.1
+HOROVOD_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
+PY=${PYTHON:-python3}
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+is_root() { [ "$(id -u)" = 0 ]; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+apt_install() {  # apt_install PKG... — only as root on a Debian-like system
+  is_root && have apt-get || return 1
+  say "installing Debian packages: $*"
+  if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+    apt-get update -qq
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# --- 1-2. system pieces --------------------------------------------------------------------
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "Python >= 3.10 is needed ($PY is $("$PY" --version 2>&1))"
+if ! have mpicc || ! have mpirun; then
+  apt_install openmpi-bin libopenmpi-dev ||
+    die "no MPI found (mpicc, mpirun). On a cluster: 'module load openmpi' (or your site's MPI module), then run this again"
+fi
+if ! have cmake || ! have g++; then
+  apt_install cmake g++ || die "cmake and g++ are needed to build Horovod: 'module load cmake gcc' or install them"
+fi
+if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; then
+  apt_install mricron-data || say "mricron-data not installed (not root or no apt): sample data will have no Colin27"
+fi
+MPI_VERSION=$(mpirun --version 2>&1 | head -1 | tr -cs 'A-Za-z0-9.' '-' | sed 's/-$//')
+
+# --- 3. virtual environment ----------------------------------------------------------------
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
+VPY="$VENV/bin/python"
+pip() { "$VPY" -m pip --disable-pip-version-check -q "$@"; }
+STAMP="$VENV/.hpcgan-setup"
+want_stamp=$(cat "$ROOT/setup.cfg" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)-$MPI_VERSION
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && "$VPY" -c 'import hpcgan, horovod.torch, mpi4py.MPI' 2>/dev/null; then
+  say "up to date ($VENV)"
+  "$VENV/bin/horovodrun" --check-build
+  exit 0
+fi
+if ! "$VPY" -c 'import torch' 2>/dev/null; then
+  say "installing $TORCH_SPEC"
+  pip install "$TORCH_SPEC"
+fi
+pip install wheel "setuptools>=64" packaging
+"$VPY" -c 'import mpi4py' 2>/dev/null || { say "building mpi4py against $(command -v mpicc)"; pip install --no-binary mpi4py mpi4py; }
+say "installing hpcgan and its dependencies"
+pip install -e "$ROOT[test,sample-data]"
+
+# --- 4. Horovod ----------------------------------------------------------------------------
+read -r TORCH_VERSION CUDA_VERSION PY_TAG < <("$VPY" -c 'import sys, torch; print(torch.__version__.split("+")[0], torch.version.cuda or "cpu", f"py{sys.version_info[0]}{sys.version_info[1]}")')
+KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$CUDA_VERSION-$MPI_VERSION-$PY_TAG"
+WHEEL_DIR="$CACHE/wheels/$KEY"
+if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+  say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($CUDA_VERSION, $MPI_VERSION); a few minutes, once per machine"
+  BUILD=$(mktemp -d)
+  trap 'rm -rf "$BUILD"' EXIT
+  pip download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
+  echo "$HOROVOD_SHA256  $BUILD/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet ||
+    die "horovod-$HOROVOD_VERSION.tar.gz does not match its pinned sha256"
+  tar -xzf "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" -C "$BUILD"
+  SRC="$BUILD/horovod-$HOROVOD_VERSION"
+  for f in "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"; do
+    grep -q 'set(CMAKE_CXX_STANDARD 14)' "$f" || die "unexpected Horovod source: no C++14 line in $f"
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
+  done
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+  export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)"
+  if [ "$CUDA_VERSION" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
+  pip wheel --no-deps --no-build-isolation -w "$BUILD/wheel" "$SRC"
+  mkdir -p "$WHEEL_DIR"
+  cp "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR/"
+fi
+say "installing Horovod from $WHEEL_DIR"
+pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
+pip install cloudpickle psutil pyyaml packaging  # Horovod's own runtime dependencies
+echo "$want_stamp" > "$STAMP"
+say "done"
+"$VENV/bin/horovodrun" --check-build
