@@ -98,7 +98,10 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
 fi
 say "installing Horovod from $WHEEL_DIR"
 pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
-pip install cloudpickle psutil pyyaml packaging  # Horovod's own runtime dependencies
+pip install cffi cloudpickle psutil pyyaml packaging  # Horovod's own runtime dependencies
+check=$("$VENV/bin/horovodrun" --check-build)
+echo "$check"
+grep -q '\[X\] PyTorch' <<<"$check" || die "Horovod was built without PyTorch support (see the build log above)"
+grep -q '\[X\] MPI' <<<"$check" || die "Horovod was built without its MPI controller (is mpicc the MPI that mpirun runs?)"
 echo "$want_stamp" > "$STAMP"
 say "done"
-"$VENV/bin/horovodrun" --check-build

@@ -4,7 +4,7 @@ import sys
 
 from hpcgan.dist.env import LaunchEnv, launch_env, slurm_ntasks
 
-__all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "abort_job", "mpi_comm"]
+__all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "abort_job", "mpi_comm", "make_backend", "BACKENDS"]
 
 
 def mpi_comm():
@@ -27,3 +27,33 @@ def abort_job(code: int):
     # No MPI in this process (Gloo/torch rendezvous): mpirun and `srun --kill-on-bad-exit`
     # end the job when one rank exits non-zero; os._exit skips handlers that could block.
     os._exit(code)
+
+
+BACKENDS = ("auto", "horovod", "torch", "none")
+
+
+def make_backend(name: str = "auto", device: str = "auto", fp16_allreduce: bool = False):
+    """Start the backend for this job and check that every rank sees the world the launcher made."""
+    from hpcgan.errors import HpcganError, UsageError
+
+    env = launch_env()
+    if name == "auto":
+        name = "horovod" if env.world_size > 1 else "none"
+    if name == "none":
+        if env.world_size > 1:
+            raise UsageError(f"--backend none: the launcher started {env.world_size} processes; use horovod or torch")
+        from hpcgan.dist.backend import Backend as cls
+    elif name == "horovod":
+        from hpcgan.dist.horovod_backend import HorovodBackend as cls
+    elif name == "torch":
+        from hpcgan.dist.torch_backend import TorchBackend as cls
+    else:
+        raise UsageError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")
+    backend = cls(device=device, fp16_allreduce=fp16_allreduce)
+    expected = slurm_ntasks() or env.world_size
+    if backend.world_size != expected:
+        raise HpcganError(
+            f"{name} backend sees a world of {backend.world_size} processes but the launcher started {expected}: "
+            "MPI was not initialised through the launcher (under Slurm use `srun --mpi=pmix` with an MPI built "
+            "with PMIx/Slurm support, or mpirun inside the allocation)")
+    return backend

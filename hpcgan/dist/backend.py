@@ -1,0 +1,155 @@
+"""The small interface the training step sees, and the single-process implementation.
+
+A backend owns: which device this rank uses, gradient averaging (through `distributed_optimizer`
+and `step`), broadcasts of parameters and optimizer state, metric averaging, and object exchange.
+Objects travel as `torch.save` bytes and are read back with `weights_only=True`, so nothing
+received from another rank is unpickled as code."""
+import contextlib
+import io
+
+import torch
+
+from hpcgan.dist.env import launch_env
+
+
+def pick_device(local_rank: int, preference: str = "auto") -> torch.device:
+    """One device per local rank: cuda:<local_rank mod visible GPUs>, or the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from hpcgan.errors import UsageError
+
+        raise UsageError("--device cuda: torch sees no CUDA device on this node")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def to_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class Backend:
+    """Single process. Subclasses override the tensor collectives; everything else is shared."""
+
+    name = "none"
+
+    def __init__(self, device: str = "auto", fp16_allreduce: bool = False):
+        env = launch_env()
+        self.rank, self.world_size, self.local_rank = 0, 1, env.local_rank
+        self.fp16_allreduce = fp16_allreduce
+        self.device = pick_device(self.local_rank, device)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    # --- tensor collectives (in place where the name says so) ----------------------------------
+    def allreduce_(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        return tensor
+
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of every rank along a new first dimension."""
+        return tensor.unsqueeze(0)
+
+    def barrier(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+    # --- gradients -------------------------------------------------------------------------------
+    def distributed_optimizer(self, optimizer, module, prefix: str):
+        """Wrap `optimizer` so that `step` averages gradients of `module` over ranks. Call while every
+        parameter still requires grad (Horovod registers its hooks only for those)."""
+        return optimizer
+
+    def synchronize(self, optimizer):
+        """Average the gradients held by `optimizer` over ranks (no-op for one process)."""
+
+    def skip_synchronize(self, optimizer):
+        return contextlib.nullcontext()
+
+    def step(self, optimizer, scaler=None):
+        """One optimizer step with averaged gradients; with an AMP scaler in the order
+        synchronize → unscale → step without a second synchronize → update."""
+        if scaler is None:
+            self.synchronize(optimizer)
+            with self.skip_synchronize(optimizer):
+                optimizer.step()
+            return
+        self.synchronize(optimizer)
+        scaler.unscale_(optimizer)
+        with self.skip_synchronize(optimizer):
+            scaler.step(optimizer)
+        scaler.update()
+
+    # --- state ---------------------------------------------------------------------------------
+    def broadcast_module(self, module: torch.nn.Module, root: int = 0):
+        """Parameters and buffers (batch-norm statistics, spectral-norm vectors) from `root`."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for tensor in module.state_dict().values():
+                self.broadcast_(tensor, root)
+
+    def average_buffers(self, module: torch.nn.Module):
+        """Mean of floating-point buffers (batch-norm running stats) over ranks."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    self.allreduce_(buffer, "mean")
+
+    def broadcast_object(self, obj=None, root: int = 0):
+        """`obj` (tensors and plain data) from `root` to every rank."""
+        if self.world_size == 1:
+            return obj
+        data = to_bytes(obj) if self.rank == root else b""
+        size = self.broadcast_(torch.tensor([len(data)], dtype=torch.int64), root)
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8)
+        if self.rank == root:
+            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self.broadcast_(buffer, root)
+        return obj if self.rank == root else from_bytes(buffer.numpy().tobytes())
+
+    def gather_object(self, obj):
+        """A list of every rank's `obj` (tensors and plain data), on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        data = to_bytes(obj)
+        sizes = self.allgather(torch.tensor([len(data)], dtype=torch.int64)).flatten().tolist()
+        buffer = torch.zeros(max(sizes), dtype=torch.uint8)
+        buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        gathered = self.allgather(buffer)
+        return [from_bytes(gathered[r, : sizes[r]].numpy().tobytes()) for r in range(self.world_size)]
+
+    def mean_metrics(self, metrics: dict) -> dict:
+        """Average a dict of scalars over ranks (one collective)."""
+        if self.world_size == 1 or not metrics:
+            return {k: float(v) for k, v in metrics.items()}
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        self.allreduce_(values, "mean")
+        return dict(zip(keys, values.tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (preemption agreement)."""
+        if self.world_size == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0])
+        return bool(self.allreduce_(value, "max").item() > 0)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "world_size": self.world_size, "rank": self.rank,
+                "local_rank": self.local_rank, "device": str(self.device)}
