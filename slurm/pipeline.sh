@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Submit the whole study as chained Slurm jobs: preprocess -> train -> sample -> evaluate, each
+# starting only if the one before succeeded (--dependency=afterok); if one fails, the ones after
+# it are cancelled (--kill-on-invalid-dep=yes). With --sweep GRID the training is a job array over
+# the grid (slurm/sweep.sbatch: each element trains, samples and evaluates) and a summary follows.
+#
+#   slurm/pipeline.sh                                  # on the login node
+#   HPCGAN_INPUT=data/brats HPCGAN_CONFIG=cepa2023 HPCGAN_GPUS_PER_NODE=4 slurm/pipeline.sh
+#   slurm/pipeline.sh --sweep "optim.lr=1e-4,2e-4" --no-preprocess
+#
+# Prints one line per job: "submitted STEP: job ID". Variables (paths, options for each step,
+# partition/account/GPUs): slurm/README.md.
+set -euo pipefail
+HPCGAN_ROOT=${HPCGAN_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export HPCGAN_ROOT
+# shellcheck source=slurm/common.sh
+source "$HPCGAN_ROOT/slurm/common.sh"
+
+usage() { echo "usage: slurm/pipeline.sh [--no-preprocess] [--sweep GRID]" >&2; exit 2; }
+preprocess=1 grid=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-preprocess) preprocess=0 ;;
+    --sweep) [ $# -ge 2 ] || usage; grid=$2; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) usage ;;
+  esac
+  shift
+done
+
+# Absolute paths, exported so that every job sees the same ones whatever its working directory.
+export HPCGAN_INPUT=$(hpcgan_abs "${HPCGAN_INPUT:-data/raw}")
+export HPCGAN_DATA=$(hpcgan_abs "${HPCGAN_DATA:-data/dataset}")
+export HPCGAN_RUN=$(hpcgan_abs "${HPCGAN_RUN:-runs/train}")
+export HPCGAN_SAMPLES=$(hpcgan_abs "${HPCGAN_SAMPLES:-$HPCGAN_RUN/samples}")
+export HPCGAN_REPORT=$(hpcgan_abs "${HPCGAN_REPORT:-$HPCGAN_RUN/evaluation.json}")
+export HPCGAN_SWEEP_DIR=$(hpcgan_abs "${HPCGAN_SWEEP_DIR:-runs/sweep}")
+export HPCGAN_LOGS HPCGAN_VENV
+
+# Site options for every job (partition, account, QOS...) and the GPU layout of the GPU jobs.
+# shellcheck disable=SC2206  # option lists
+common=(--parsable --kill-on-invalid-dep=yes --output="$HPCGAN_LOGS/%x-%j.out" ${HPCGAN_SBATCH_ARGS:-})
+gpu=() one_gpu=()
+if [ "${HPCGAN_GPUS_PER_NODE:-0}" -gt 0 ]; then  # one task per GPU
+  gpu=(--gpus-per-node="$HPCGAN_GPUS_PER_NODE" --ntasks-per-node="$HPCGAN_GPUS_PER_NODE")
+  one_gpu=(--gpus-per-task=1)
+fi
+gpu+=(--nodes="${HPCGAN_NODES:-1}")
+
+after=()
+submit() {  # submit STEP [SBATCH_OPTIONS...] SCRIPT [ARGS...]: sets $job, chained after the previous job
+  local step=$1; shift
+  job=$(sbatch "${common[@]}" "${after[@]}" "$@")
+  echo "submitted $step: job $job${after:+ (${after[*]})}"
+  after=(--dependency="afterok:$job")
+}
+
+# shellcheck disable=SC2086  # HPCGAN_*_ARGS are option lists
+if [ "$preprocess" = 1 ]; then
+  submit preprocess "$HPCGAN_ROOT/slurm/preprocess.sbatch" ${HPCGAN_PREPROCESS_ARGS:-}
+fi
+if [ -n "$grid" ]; then
+  hpcgan_command
+  n=$("${HPCGAN_CMD[@]}" sweep --grid "$grid" --count)
+  export HPCGAN_SWEEP_GRID=$grid
+  submit sweep "${gpu[@]}" --array="0-$((n - 1))" "$HPCGAN_ROOT/slurm/sweep.sbatch" ${HPCGAN_TRAIN_ARGS:-}
+  submit summary --ntasks-per-node=1 "$HPCGAN_ROOT/slurm/sweep.sbatch" --summary
+  exit 0
+fi
+submit train "${gpu[@]}" "$HPCGAN_ROOT/slurm/train.sbatch" ${HPCGAN_TRAIN_ARGS:-}
+submit sample "${one_gpu[@]}" "$HPCGAN_ROOT/slurm/sample.sbatch" ${HPCGAN_SAMPLE_ARGS:-}
+submit evaluate "$HPCGAN_ROOT/slurm/evaluate.sbatch" ${HPCGAN_EVALUATE_ARGS:-}
