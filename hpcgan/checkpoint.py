@@ -1,0 +1,289 @@
+"""Checkpoint files: format, background writer, validation and loading.
+
+A checkpoint is a dict saved by `torch.save` that loads with
+`torch.load(path, map_location="cpu", weights_only=True)`: tensors, numbers, strings, lists,
+tuples, dicts and None only, so a checkpoint from someone else cannot run code. Keys:
+`format` ("hpcgan-checkpoint"), `format_version` (1), and what the training coordinator passes
+(hpcgan_version, config, dataset, step, epoch, batch_in_epoch, G, D, G_ema, opt_G, opt_D,
+scalers, rng (one entry per rank), metrics).
+
+A checkpoint directory holds:
+  ckpt-00001000.pt   one file per checkpoint, written to a temp name, fsynced, renamed
+  checkpoints.json   index: [{file, step, sha256, metrics}], oldest first (written atomically)
+  latest, best       a line with the file name of the newest / best checkpoint (replaced atomically)
+"""
+import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcgan.errors import HpcganError, UsageError
+from hpcgan.io import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from hpcgan.log import get_logger
+
+FORMAT = "hpcgan-checkpoint"
+FORMAT_VERSION = 1
+INDEX_NAME = "checkpoints.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+log = get_logger("checkpoint")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.pt"
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG states (torch CPU, every CUDA device, numpy global, Python `random`) as
+    tensors, ints, floats and lists only, so that weights_only loading accepts them."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: dict):
+    """Exact inverse of `capture_rng_state`. CUDA states are restored for the devices present."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = state["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------- host copy
+
+# Leaf types that torch.load(weights_only=True) accepts back.
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def to_host(obj, key: str = "state"):
+    """Deep copy of a nested state: tensors become detached CPU clones (pinned when CUDA is
+    available, so device-to-host copies overlap), containers are copied, plain values kept.
+    Anything weights_only loading would refuse (numpy arrays, objects) raises HpcganError naming
+    its key, here in the training thread rather than at resume time."""
+    pinned = torch.cuda.is_available()
+    out = _copy(obj, key, pinned)
+    if pinned:
+        torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
+    return out
+
+
+def _copy(obj, key, pinned):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.is_cuda and pinned:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy(v, f"{key}.{k}", pinned) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v, f"{key}[{i}]", pinned) for i, v in enumerate(obj))
+    if isinstance(obj, np.generic) and obj.ndim == 0:
+        return obj.item()  # numpy scalars (e.g. metrics) as Python numbers
+    if isinstance(obj, _PLAIN):
+        return obj
+    raise HpcganError(f"checkpoint state '{key}': {type(obj).__name__} cannot be saved in a weights_only "
+                      "checkpoint (use tensors, numbers, strings, lists, dicts)")
+
+
+# ---------------------------------------------------------------- index
+
+
+def read_index(directory) -> list:
+    """The entries of `checkpoints.json`, oldest first; [] when there is none or it is unreadable."""
+    path = Path(directory) / INDEX_NAME
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "file" in e for e in entries):
+            raise ValueError("not a list of entries")
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable checkpoint index (%s); ignoring it", path, exc)
+        return []
+    return sorted(entries, key=lambda e: e.get("step", -1))
+
+
+def _is_better(value, than, mode: str) -> bool:
+    return value < than if mode == "min" else value > than
+
+
+def best_entry(entries: list, metric: str | None, mode: str = "min"):
+    """The entry with the best value of `metric` (entries without it never win), or None."""
+    best = None
+    for entry in entries:
+        value = (entry.get("metrics") or {}).get(metric) if metric else None
+        if isinstance(value, (int, float)) and value == value:  # NaN never wins
+            if best is None or _is_better(value, best["metrics"][metric], mode):
+                best = entry
+    return best
+
+
+# ---------------------------------------------------------------- writer
+
+
+class CheckpointWriter:
+    """Writes checkpoints of rank 0 in a background thread, one at a time.
+
+    `submit` waits for the previous write, copies the state to host memory (the caller may go on
+    changing its tensors as soon as it returns) and starts the write; `flush` waits for it and
+    raises its error, if any. Keeps the last `keep_last` checkpoints plus the best one by
+    `best_metric` (lower is better with best_mode="min", higher with "max")."""
+
+    def __init__(self, directory, keep_last: int = 3, best_metric: str | None = None, best_mode: str = "min"):
+        if keep_last < 1:
+            raise UsageError(f"checkpoint keep_last: must be >= 1, got {keep_last}")
+        if best_mode not in ("min", "max"):
+            raise UsageError(f"checkpoint best_mode: must be min or max, got {best_mode!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.entries = read_index(self.directory)  # a resumed run continues the same index
+        self._thread = None
+        self._error = None
+
+    def submit(self, state: dict, step: int, metrics: dict | None = None):
+        self.flush()
+        host = to_host(state)
+        host.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+        if metrics is not None and "metrics" not in host:
+            host["metrics"] = dict(metrics)
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        self._thread = threading.Thread(target=self._write_guarded, args=(host, int(step), metrics),
+                                        name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+
+    def flush(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self):
+        self.flush()
+
+    def _write_guarded(self, host, step, metrics):
+        try:
+            self._write(host, step, metrics)
+        except BaseException as exc:  # re-raised by the next submit/flush, in the training thread
+            path = self.directory / checkpoint_name(step)
+            reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else exc
+            self._error = HpcganError(f"{path}: writing the checkpoint failed: {reason}")
+            self._error.__cause__ = exc
+
+    def _write(self, host, step, metrics):
+        name = checkpoint_name(step)
+        path = self.directory / name
+        with atomic_path(path) as tmp:
+            torch.save(host, tmp)
+        entry = {"file": name, "step": step, "sha256": sha256_file(path), "metrics": metrics}
+        # Entries past `step` belong to a future this run abandoned (resumed from an older one).
+        entries = [e for e in self.entries if e["step"] < step] + [entry]
+        entries.sort(key=lambda e: e["step"])
+        best = best_entry(entries, self.best_metric, self.best_mode)
+        kept = [e for i, e in enumerate(entries) if i >= len(entries) - self.keep_last or e is best]
+        # Index and pointers first, deletions last: a crash in between leaves orphans, never
+        # an index that names a missing file.
+        write_json_atomic(self.directory / INDEX_NAME, kept)
+        write_bytes_atomic(self.directory / "latest", f"{name}\n".encode())
+        if best is not None:
+            write_bytes_atomic(self.directory / "best", f"{best['file']}\n".encode())
+        for old in self.entries + entries:
+            if old not in kept and old["file"] != name:
+                (self.directory / old["file"]).unlink(missing_ok=True)
+        self.entries = kept
+        log.debug("wrote %s (%s)", name, entry["sha256"][:12])
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def _open(path: Path, mmap: bool = False):
+    """torch.load with weights_only; every failure becomes a one-line UsageError naming `path`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a checkpoint") from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied") from None
+    except Exception as exc:
+        if "Weights only load failed" in str(exc):  # a pickle of Python objects: never run its code
+            raise UsageError(f"{path}: not an hpcgan checkpoint (it holds Python objects that weights-only "
+                             "loading refuses)") from None
+        raise UsageError(f"{path}: truncated or corrupt checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"{path}: not an hpcgan checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"{path}: checkpoint format_version {state.get('format_version')!r} is not supported "
+                         f"(this hpcgan reads {FORMAT_VERSION})")
+    return state
+
+
+def find_latest_valid(directory) -> Path | None:
+    """Newest checkpoint in `directory` whose sha256 matches the index and that loads; a
+    truncated or corrupt one is skipped with a warning naming it. Without an index, the
+    ckpt-*.pt files are tried newest first (then only damage to the file's structure is found)."""
+    directory = Path(directory)
+    entries = read_index(directory)
+    if not entries:
+        entries = [{"file": p.name, "sha256": None} for p in sorted(directory.glob("ckpt-*.pt"))]
+    for entry in reversed(entries):
+        path = directory / entry["file"]
+        if not path.is_file():
+            log.warning("%s: listed in %s but missing; skipping it", path, INDEX_NAME)
+            continue
+        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            log.warning("%s: sha256 does not match %s (truncated or corrupt); skipping it", path, INDEX_NAME)
+            continue
+        try:
+            _open(path, mmap=True)  # mmap: checks the structure without reading every tensor
+        except UsageError as exc:
+            log.warning("%s; skipping it", exc)
+            continue
+        return path
+    return None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file; a checkpoints/ directory or a run directory holding one → its newest
+    valid checkpoint. UsageError naming the path when there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise UsageError(f"{path}: no such checkpoint file or directory")
+    directory = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    if not (directory / INDEX_NAME).exists() and not any(directory.glob("ckpt-*.pt")):
+        raise UsageError(f"{path}: neither a checkpoint nor a directory of checkpoints")
+    found = find_latest_valid(directory)
+    if found is None:
+        raise UsageError(f"{directory}: no valid checkpoint (all truncated or corrupt)")
+    return found
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint (file, checkpoints/ dir or run dir) on the CPU, weights only."""
+    return _open(resolve_checkpoint(path))

@@ -1,0 +1,138 @@
+"""Image stacks on disk: PNG contact sheets, HDF5 stacks, NIfTI volumes. Pure functions; every
+file appears atomically (hpcgan.io.atomic_path).
+
+Images are (N, C, H, W) float in [-1, 1], as the generator makes them and as preprocessing
+stores them: axial slices in RAS, anterior at the top and the subject's right on the right
+(neurological view), i.e. rows run along -Y and columns along +X
+(`hpcgan.preprocess.transforms.axial_to_image`). `write_stack_nifti` inverts that mapping."""
+import json
+
+import numpy as np
+
+from hpcgan.io import atomic_path
+
+STACK_DATASET = "images"
+
+
+def to_uint8(images) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] → (N, H, W, C) uint8, round((x + 1) · 127.5) as preprocessing encodes."""
+    images = np.asarray(images, dtype=np.float32)
+    pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+
+
+def contact_sheet(images, nrow: int = 10) -> np.ndarray:
+    """Tile N images, `nrow` per row, into one uint8 picture (H·rows, W·nrow[, C]). One channel
+    stays grey (2-D result), three are RGB; other channel counts show their first channel in grey.
+    Cells past the last image are black."""
+    pixels = to_uint8(images)
+    n, h, w, c = pixels.shape
+    if c != 3:
+        pixels = pixels[..., :1]
+    cols = max(1, min(nrow, n))
+    rows = -(-n // cols)
+    sheet = np.zeros((rows * h, cols * w, pixels.shape[-1]), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        sheet[r * h:(r + 1) * h, q * w:(q + 1) * w] = pixels[i]
+    return sheet[..., 0] if sheet.shape[-1] == 1 else sheet
+
+
+def write_png(array, path):
+    """uint8 (H, W) grey or (H, W, 3) RGB → PNG, atomically."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def write_stack_h5(path, images, attrs: dict):
+    """One stack → HDF5 dataset `images` (N, C, H, W) float32 in [-1, 1]. `attrs` become attributes
+    of the dataset; dicts and lists are stored as JSON strings (e.g. `config`)."""
+    import h5py
+
+    images = np.asarray(images, dtype=np.float32)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset(STACK_DATASET, data=images, chunks=(1, *images.shape[1:]), compression="gzip",
+                              compression_opts=4, shuffle=True)
+        for key, value in attrs.items():
+            ds.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+
+
+def read_stack_h5(path) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f[STACK_DATASET][...]
+
+
+def read_stack_attrs(path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f[STACK_DATASET].attrs.items()}
+
+
+def images_to_ras(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) display slices → (X, Y, N) RAS volume: the inverse of
+    `hpcgan.preprocess.transforms.axial_to_image` (rows along -Y, columns along +X)."""
+    return np.ascontiguousarray(np.transpose(images, (2, 1, 0))[:, ::-1, :])
+
+
+def intensity_ranges(intensity, channels: int) -> list:
+    """Per-channel (lo, hi) that [-1, 1] maps back to. `intensity` is a (lo, hi) pair, a list of
+    per-channel pairs, or a dataset manifest's `intensity` dict ({lo, hi, per_modality}; with one
+    entry per channel in per_modality the channels are those modalities, in order), or None
+    (values stay in [-1, 1])."""
+    if intensity is None:
+        return [(-1.0, 1.0)] * channels
+    if isinstance(intensity, dict):
+        per = [v for v in (intensity.get("per_modality") or {}).values()]
+        if len(per) == channels and all(isinstance(v, dict) for v in per):
+            return [(float(v["lo"]), float(v["hi"])) for v in per]
+        return [(float(intensity["lo"]), float(intensity["hi"]))] * channels
+    pairs = list(intensity)
+    if len(pairs) == 2 and all(isinstance(v, (int, float)) for v in pairs):
+        return [(float(pairs[0]), float(pairs[1]))] * channels
+    if len(pairs) != channels:
+        raise ValueError(f"intensity: {len(pairs)} ranges for {channels} channels")
+    return [(float(lo), float(hi)) for lo, hi in pairs]
+
+
+def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intensity, all_channels: bool = False):
+    """One stack (N, C, H, W) in [-1, 1] → a NIfTI volume, atomically.
+
+    The stack index is the third (S) axis: shape (W, H, N) = (X, Y, stack), i.e. the training
+    slices put back in RAS (see `images_to_ras`), so the slices display upright in 3D Slicer,
+    ITK-SNAP and FSLeyes. With `all_channels` the result is 4-D (X, Y, stack, C), else only the first
+    channel is written. Values go from [-1, 1] back to the training intensity range
+    (`intensity_ranges`), float32. The affine is diag(column spacing, row spacing, slice thickness)
+    in mm, RAS, centred on the origin; the header carries no free text (empty descrip, aux_file,
+    intent_name, db_name), qform/sform code 1 (scanner), xyz units mm."""
+    import nibabel as nib
+
+    images = np.asarray(images, dtype=np.float32)
+    channels = images.shape[1] if all_channels else 1
+    ranges = intensity_ranges(intensity, images.shape[1])
+    volumes = []
+    for c in range(channels):
+        lo, hi = ranges[c]
+        values = lo + (np.clip(images[:, c], -1.0, 1.0) + 1.0) * np.float32((hi - lo) / 2.0)
+        volumes.append(images_to_ras(values.astype(np.float32)))
+    data = volumes[0] if channels == 1 else np.stack(volumes, axis=-1)
+
+    spacing = np.array([pixel_spacing_mm[1], pixel_spacing_mm[0], slice_thickness_mm], dtype=np.float64)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(data.shape[:3]) - 1) / 2.0 * spacing  # volume centre at (0, 0, 0)
+    image = nib.Nifti1Image(data, affine)
+    header = image.header
+    for key in ("descrip", "aux_file", "intent_name", "db_name"):
+        header[key] = b""
+    header.set_xyzt_units(xyz="mm")
+    shown = ranges[:channels]
+    header["cal_min"], header["cal_max"] = min(r[0] for r in shown), max(r[1] for r in shown)  # display window
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    header.set_data_dtype(np.float32)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
