@@ -12,6 +12,8 @@ from hpcgan.errors import HpcganError, UsageError
 COMMANDS = {
     "doctor": ("hpcgan.doctor", "check Python, torch, MPI, mpi4py, h5py, nibabel, Horovod and Slurm"),
     "sample-data": ("hpcgan.sample_data", "write real brain MRI volumes that ship inside installed packages"),
+    "preprocess": ("hpcgan.preprocess.command", "NIfTI volumes -> sharded HDF5 dataset (MPI-parallel, resumable)"),
+    "info": ("hpcgan.info", "summarise a preprocessed dataset; --verify checks shard checksums"),
 }
 
 

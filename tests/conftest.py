@@ -72,3 +72,14 @@ def sample_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample-data")
     run_hpcgan("sample-data", out, check=True, timeout=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(sample_data, tmp_path_factory) -> Path:
+    """`hpcgan preprocess` of the sample data at 64x64: t1 with the seg mask, slices 60:108,
+    one subject in train and one in val (48 slices each), one shard per split."""
+    out = tmp_path_factory.mktemp("sample-dataset") / "dataset"
+    run_hpcgan("preprocess", "--input", sample_data, "--output", out, "--modalities", "t1", "--mask", "seg",
+               "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64", "--shards", "2",
+               "--val-fraction", "0.5", check=True, timeout=300)
+    return out

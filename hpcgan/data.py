@@ -1,0 +1,184 @@
+"""Reading a preprocessed dataset (`hpcgan preprocess`) for training and evaluation.
+
+`SliceDataset` reads single slices from the HDF5 shards, opening files lazily in each worker
+process; `RankSampler` gives rank r of n a disjoint part of an epoch's permutation, the same
+number of batches on every rank; `make_loader` puts the two together; `read_slices` loads a
+deterministic subset for evaluation.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from hpcgan.errors import UsageError
+from hpcgan.preprocess.transforms import decode
+
+MANIFEST = "manifest.json"
+FORMAT = "hpcgan-dataset"
+LABELS = ("none", "mask")
+
+
+def load_manifest(dataset_dir) -> dict:
+    """The dataset's manifest.json; UsageError naming the directory if it is not a dataset."""
+    path = os.path.join(os.fspath(dataset_dir), MANIFEST)
+    if not os.path.isdir(dataset_dir):
+        raise UsageError(f"{dataset_dir}: no such dataset directory")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{dataset_dir}: not a dataset (no {MANIFEST}; run hpcgan preprocess)") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UsageError(f"{path}: not an hpcgan dataset manifest (format is not {FORMAT!r})")
+    if manifest.get("format_version") != 1:
+        raise UsageError(f"{path}: format_version {manifest.get('format_version')} is not supported (need 1)")
+    return manifest
+
+
+def _split_shards(manifest: dict, dataset_dir, split: str):
+    if split not in manifest["splits"]:
+        raise UsageError(f"{dataset_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
+    counts = {s["name"]: s["slices"] for s in manifest["shards"]}
+    names = [n for n in manifest["splits"][split]["shards"] if counts[n] > 0]
+    return names, [counts[n] for n in names]
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Item i → (image float32 (C, H, W) in [-1, 1], label int64). Labels: "none" → 0;
+    "mask" → 1 if the slice's mask has any non-zero voxel. Horizontal flip with p=0.5, drawn
+    from (seed, epoch, index) so a run is reproducible; call `set_epoch` (RankSampler does it)."""
+
+    def __init__(self, dataset_dir, split: str = "train", flip: bool = False, labels: str = "none", seed: int = 0):
+        self.dataset_dir = os.fspath(dataset_dir)
+        self.manifest = load_manifest(dataset_dir)
+        if labels not in LABELS:
+            raise UsageError(f"labels: expected one of {', '.join(LABELS)}, got {labels!r}")
+        if labels == "mask" and not self.manifest["has_masks"]:
+            raise UsageError(f"{dataset_dir}: labels='mask' needs a dataset preprocessed with --mask")
+        self.split, self.flip, self.labels, self.seed, self.epoch = split, flip, labels, seed, 0
+        self.num_classes = 2 if labels == "mask" else 1
+        self.shard_names, counts = _split_shards(self.manifest, dataset_dir, split)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._files, self._pid = {}, None  # opened lazily, per process
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def locate(self, index: int):
+        """Global index → (shard name, row in that shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} slices")
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.shard_names[shard], int(index - self.offsets[shard])
+
+    def _file(self, name):
+        import h5py
+
+        if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        if name not in self._files:
+            self._files[name] = h5py.File(os.path.join(self.dataset_dir, name), "r")
+        return self._files[name]
+
+    def flips(self, index: int) -> bool:
+        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
+
+    def __getitem__(self, index):
+        name, row = self.locate(int(index))
+        f = self._file(name)
+        image = decode(f["images"][row])
+        label = 0
+        if self.labels == "mask":
+            label = int(f["masks"][row].any())
+        if self.flip and self.flips(int(index)):
+            image = image[:, :, ::-1].copy()
+        return torch.from_numpy(image), torch.tensor(label, dtype=torch.int64)
+
+    def __getstate__(self):  # never pickle open HDF5 handles into DataLoader workers
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Rank r's indices of epoch e: the permutation of (seed, e) cut into global batches of
+    batch_size × world_size; rank r takes the r-th batch_size block of each global batch. So
+    the union over ranks is the single-process stream, and every rank yields exactly
+    batches_per_epoch × batch_size indices (the remainder is dropped so step counts match)."""
+
+    def __init__(self, num_items: int, rank: int, world_size: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True, dataset=None):
+        global_batch = batch_size * world_size
+        if num_items < global_batch:
+            raise UsageError(f"dataset has {num_items} slices, fewer than one global batch "
+                             f"(batch size {batch_size} x {world_size} ranks = {global_batch})")
+        self.num_items, self.rank, self.world_size = num_items, rank, world_size
+        self.batch_size, self.seed, self.shuffle, self.dataset = batch_size, seed, shuffle, dataset
+        self.batches_per_epoch = num_items // global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Start epoch `epoch`, skipping its first `start_batch` batches (exact resume)."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise UsageError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
+        self.epoch, self.start_batch = epoch, start_batch
+        if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def permutation(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+
+    def __iter__(self):
+        order = self.permutation()
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            first = b * global_batch + self.rank * self.batch_size
+            yield from (int(i) for i in order[first:first + self.batch_size])
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def make_loader(dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0):
+    """(DataLoader, RankSampler) for rank `rank` of `world_size`. Call
+    `sampler.set_epoch(epoch, start_batch)` before iterating each epoch."""
+    dataset = SliceDataset(dataset_dir, split, flip=flip, labels=labels, seed=seed)
+    sampler = RankSampler(len(dataset), rank, world_size, batch_size, seed=seed, dataset=dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         drop_last=True, persistent_workers=False)
+    return loader, sampler
+
+
+def read_slices(dataset_dir, split, max_items=None, seed=0) -> np.ndarray:
+    """(N, C, H, W) float32 in [-1, 1] of a split, for evaluation. With max_items, a
+    deterministic subset chosen from `seed` (read in shard order)."""
+    dataset = SliceDataset(dataset_dir, split)
+    n = len(dataset)
+    if max_items is not None and max_items < n:
+        indices = np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
+    else:
+        indices = np.arange(n)
+    out = np.empty((len(indices), *dataset.manifest["image_shape"]), dtype=np.float32)
+    # Group by shard so each shard is opened once and read with one sorted fancy index.
+    shard_of = np.searchsorted(dataset.offsets, indices, side="right") - 1
+    try:
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            rows = indices[where] - dataset.offsets[shard]
+            out[where] = decode(dataset._file(dataset.shard_names[shard])["images"][rows])
+    finally:
+        dataset.close()
+    return out

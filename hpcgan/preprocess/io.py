@@ -1,0 +1,154 @@
+"""Finding NIfTI volumes, and reading them with every check a cohort needs.
+
+Files are named `<subject>_<modality>.nii[.gz]`, in one folder per subject (BraTS) or all in one
+folder, or picked by a glob. A bad volume raises `BadInput` with a reason that names the file by
+its base name only: input paths never reach logs, shards or the manifest.
+"""
+import glob
+import os
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpcgan.errors import UsageError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class BadInput(UsageError):
+    """A bad input volume or subject (exit 2); `--skip-bad` turns it into a `skipped` entry."""
+
+    def __init__(self, subject: str, reason: str):
+        super().__init__(f"subject {subject}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+
+@dataclass
+class Subject:
+    name: str  # folder/file stem: the id used unless --pseudonymize
+    files: dict = field(default_factory=dict)  # modality -> path
+
+
+def nifti_stem(path: str):
+    """'a/b/x_t1.nii.gz' → 'x_t1'; None when the name is not a NIfTI name."""
+    name = os.path.basename(path)
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_input_files(input_spec: str) -> list:
+    """NIfTI files under a directory (recursively), or matching a glob; sorted."""
+    if any(c in input_spec for c in "*?["):
+        paths = glob.glob(input_spec, recursive=True)
+    elif os.path.isdir(input_spec):
+        paths = [os.path.join(root, name) for root, _, names in os.walk(input_spec) for name in names]
+    elif os.path.exists(input_spec):
+        paths = [input_spec]
+    else:
+        raise UsageError("--input: no such file or directory (nor a glob with * ? [)")
+    return sorted(p for p in paths if os.path.isfile(p) and nifti_stem(p) is not None)
+
+
+def group_by_subject(paths, wanted_modalities) -> dict:
+    """{subject: Subject} from names `<subject>_<modality>`; files of other modalities are
+    ignored. The longest matching modality suffix wins (t1ce before t1)."""
+    by_length = sorted(set(wanted_modalities), key=len, reverse=True)
+    subjects = {}
+    for path in paths:
+        stem = nifti_stem(path)
+        modality = next((m for m in by_length if stem.endswith("_" + m) and len(stem) > len(m) + 1), None)
+        if modality is None:
+            continue
+        name = stem[: -len(modality) - 1]
+        subject = subjects.setdefault(name, Subject(name))
+        if modality in subject.files:
+            raise UsageError(f"subject {name}: two files for modality {modality} "
+                             f"({os.path.basename(subject.files[modality])}, {os.path.basename(path)})")
+        subject.files[modality] = path
+    return dict(sorted(subjects.items()))
+
+
+@dataclass
+class Header:
+    shape: tuple  # spatial shape (3 axes)
+    affine: np.ndarray
+    volumes: int  # length of the 4th axis (1 for 3-D)
+
+
+def read_header(subject: str, path: str, volume_index=None) -> Header:
+    """Open a NIfTI header (no voxel data) and check it describes one 3-D volume."""
+    import nibabel as nib
+
+    name = os.path.basename(path)
+    if os.path.getsize(path) == 0:
+        raise BadInput(subject, f"{name}: empty file")
+    try:
+        image = nib.load(path)
+        if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise nib.filebasedimages.ImageFileError("not NIfTI")
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as exc:
+        raise BadInput(subject, f"{name}: not a readable NIfTI file ({_short(exc)})") from None
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 4 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3 or min(shape[:3]) <= 1:
+        raise BadInput(subject, f"{name}: a 2-D image (shape {'x'.join(map(str, shape))}); need a 3-D volume")
+    if len(shape) > 4:
+        raise BadInput(subject, f"{name}: a {len(shape)}-D image; need a 3-D volume")
+    volumes = shape[3] if len(shape) == 4 else 1
+    if volumes > 1 and volume_index is None:
+        raise BadInput(subject, f"{name}: a 4-D image with {volumes} volumes; pick one with --volume-index")
+    if volume_index is not None and not 0 <= volume_index < volumes:
+        raise BadInput(subject, f"{name}: --volume-index {volume_index} out of range (it has {volumes} volumes)")
+    affine = image.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise BadInput(subject, f"{name}: invalid affine (not finite or singular)")
+    return Header(shape[:3], np.asarray(affine, dtype=np.float64), volumes)
+
+
+def check_same_grid(subject: str, headers: dict):
+    """All modalities (and the mask) of one subject must share shape and affine."""
+    items = list(headers.items())
+    first_mod, first = items[0]
+    for modality, header in items[1:]:
+        if header.shape != first.shape:
+            raise BadInput(subject, f"{modality} has shape {'x'.join(map(str, header.shape))} but {first_mod} has "
+                                    f"{'x'.join(map(str, first.shape))}")
+        if not np.allclose(header.affine, first.affine, atol=1e-3):
+            raise BadInput(subject, f"{modality} and {first_mod} have different affines (not in the same space)")
+
+
+def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False):
+    """Voxel data (scale slope/intercept applied, memory-mapped for .nii) and affine, checked
+    for readability, NaN/Inf and (unless `allow_all_zero`, as for an empty lesion mask)
+    all-zero content. The array keeps the file's dtype when no scaling is needed."""
+    import nibabel as nib
+
+    name = os.path.basename(path)
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise BadInput(subject, f"{name}: truncated or corrupt data ({_short(exc)})") from None
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3] + (-1,))[..., volume_index or 0]
+    if data.dtype.kind not in "uif":
+        raise BadInput(subject, f"{name}: unsupported voxel type {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise BadInput(subject, f"{name}: contains NaN or Inf voxels")
+    if not allow_all_zero and not data.any():
+        raise BadInput(subject, f"{name}: all voxels are zero")
+    return data, np.asarray(image.affine, dtype=np.float64)
+
+
+def _short(exc) -> str:
+    """An exception as a short phrase without any path in it."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for token in text.split():
+        if os.sep in token:
+            text = text.replace(token, "<file>")
+    return text[:120]

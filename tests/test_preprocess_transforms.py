@@ -1,0 +1,111 @@
+"""Pure array functions of hpcgan.preprocess.transforms (maths only; real volumes are in
+test_preprocess.py)."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hpcgan.preprocess import transforms as T
+
+
+def test_resize_weights_are_a_normalised_non_negative_filter():
+    for n_in, n_out in ((233, 64), (64, 256), (100, 100), (7, 3)):
+        w = T.resize_weights(n_in, n_out)
+        assert w.shape == (n_out, n_in)
+        assert (w >= 0).all()
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_resize_keeps_constants_and_antialiases_a_checkerboard():
+    flat = np.full((2, 90, 120), 0.25, dtype=np.float32)
+    np.testing.assert_allclose(T.resize_images(flat, 32), 0.25, atol=1e-6)
+    # A 1-pixel checkerboard shrunk 4x must average to grey; point sampling would alias to ±1.
+    checker = (np.indices((128, 128)).sum(axis=0) % 2 * 2.0 - 1.0).astype(np.float32)[None]
+    assert np.abs(T.resize_images(checker, 32)).max() < 0.05
+
+
+def test_resize_of_a_bar_stays_centred():
+    image = np.zeros((1, 100, 100), dtype=np.float32)
+    image[0, 40:60, :] = 1.0  # a horizontal bar across the middle
+    out = T.resize_images(image, 50)[0]
+    profile = out.mean(axis=1)
+    assert abs((profile * np.arange(50)).sum() / profile.sum() - 24.5) < 1e-3
+
+
+def test_resize_labels_takes_nearest_labels_only():
+    labels = np.random.default_rng(0).integers(0, 5, size=(3, 37, 53)).astype(np.uint16)
+    out = T.resize_labels(labels, 64)
+    assert out.shape == (3, 64, 64) and set(np.unique(out)) <= set(np.unique(labels))
+    same = T.resize_labels(labels[:, :, :37], 37)
+    assert (same == labels[:, :, :37]).all()
+
+
+def test_square_fov_padding_makes_anisotropic_slices_cover_the_same_millimetres():
+    # 100 rows of 1 mm and 50 columns of 2 mm: already 100 x 100 mm, nothing to add.
+    assert T.square_fov_padding(100, 50, (1.0, 2.0), 100.0) == ((0, 0), (0, 0))
+    # 80 x 100 mm slice in a 120 mm field of view.
+    (top, bottom), (left, right) = T.square_fov_padding(80, 50, (1.0, 2.0), 120.0)
+    assert (top + bottom + 80) * 1.0 == 120 and (left + right + 50) * 2.0 == 120
+    assert abs(top - bottom) <= 1 and abs(left - right) <= 1
+
+
+def test_reorient_to_ras_matches_nibabel_closest_canonical():
+    rng = np.random.default_rng(1)
+    data = rng.random((6, 7, 8)).astype(np.float32)
+    # An LPS-like affine with axes permuted (what DICOM converters often produce).
+    affine = np.array([[0, 0, -2.0, 10], [-1.0, 0, 0, 20], [0, 3.0, 0, -5], [0, 0, 0, 1]])
+    ras, ras_affine = T.reorient_to_ras(data, affine)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    np.testing.assert_array_equal(ras, canonical.get_fdata(dtype=np.float32))
+    np.testing.assert_allclose(ras_affine, canonical.affine)
+    shape, spacing = T.ras_shape_and_spacing(data.shape, affine)
+    assert shape == ras.shape and np.allclose(spacing, np.sqrt((ras_affine[:3, :3] ** 2).sum(0)))
+
+
+def test_axial_to_image_puts_anterior_at_the_top():
+    slab = np.zeros((4, 5, 1), dtype=np.float32)  # X (left→right), Y (posterior→anterior), S
+    slab[3, 4, 0] = 1.0  # the most right and most anterior voxel
+    image = T.axial_to_image(slab)
+    assert image.shape == (1, 5, 4) and image[0, 0, 3] == 1.0
+
+
+def test_percentile_and_zscore_ranges_ignore_zero_background():
+    volume = np.zeros((10, 10, 10), dtype=np.int16)
+    volume[2:8, 2:8, 2:8] = np.arange(216).reshape(6, 6, 6) + 100
+    lo, hi = T.percentile_range(volume, 0.0, 100.0)
+    assert (lo, hi) == (100.0, 315.0)
+    values = volume[volume != 0].astype(np.float64)
+    lo, hi = T.zscore_range(volume, 2.0)
+    assert np.isclose(lo, values.mean() - 2 * values.std()) and np.isclose(hi, values.mean() + 2 * values.std())
+    assert T.ct_window_range(40.0, 80.0) == (0.0, 80.0)
+
+
+def test_scale_to_unit_maps_range_clips_and_sets_background():
+    values = np.array([0, 50, 100, 150, 250], dtype=np.uint8)
+    out = T.scale_to_unit(values, 50.0, 150.0, background=values == 0)
+    np.testing.assert_allclose(out, [-1.0, -1.0, 0.0, 1.0, 1.0])
+    assert out.dtype == np.float32
+
+
+def test_select_slices_by_range_and_fraction():
+    fractions = np.array([0.0, 0.05, 0.2, 0.5, 0.3, 0.0])
+    assert T.select_slices(fractions).tolist() == [0, 1, 2, 3, 4, 5]
+    assert T.select_slices(fractions, None, 0.1).tolist() == [2, 3, 4]
+    assert T.select_slices(fractions, (3, 100), 0.1).tolist() == [3, 4]
+    assert T.parse_slice_range("60:108") == (60, 108)
+    for bad in ("60", "108:60", "a:b"):
+        with pytest.raises(ValueError):
+            T.parse_slice_range(bad)
+
+
+def test_uint8_encoding_round_trips_within_half_a_step():
+    x = np.linspace(-1, 1, 1001, dtype=np.float32)
+    stored = T.encode(x, "uint8")
+    assert stored.dtype == np.uint8 and stored[0] == 0 and stored[-1] == 255
+    assert np.abs(T.decode(stored) - x).max() <= 0.5 / 127.5 + 1e-6
+    assert np.abs(T.decode(T.encode(x, "float16")) - x).max() < 1e-3
+
+
+def test_replicate_channels():
+    images = np.random.default_rng(2).random((2, 1, 4, 4)).astype(np.float32)
+    out = T.replicate_channels(images, 3)
+    assert out.shape == (2, 3, 4, 4) and all((out[:, c] == images[:, 0]).all() for c in range(3))
