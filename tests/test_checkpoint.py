@@ -180,15 +180,17 @@ def test_write_error_surfaces_at_flush_and_leaves_nothing_half_written(tmp_path,
 
 
 def test_submit_does_not_wait_for_the_write(tmp_path):
-    # 192 MiB of float32: the copy to host is fast, torch.save + fsync + sha256 take far longer.
+    # 192 MiB of float32: the copy to host takes ~0.1 s, torch.save + fsync + sha256 several times that.
     big = {"G": {f"w{i}": torch.randn(1024, 1024) for i in range(48)}}
     expected = big["G"]["w0"].clone()
     writer = CheckpointWriter(tmp_path)
     t0 = time.perf_counter()
     writer.submit(big, 1)
     stall = time.perf_counter() - t0
+    # submit returned while the file is still being written (timing ratios flake on a busy machine)
+    still_writing = writer._thread.is_alive() and not (tmp_path / "ckpt-00000001.pt").exists()
     big["G"]["w0"].zero_()  # the training loop goes on changing its tensors
     writer.flush()
     total = time.perf_counter() - t0
-    assert stall < 0.5 * total, f"submit blocked {stall:.2f}s of a {total:.2f}s write"
+    assert still_writing, f"submit returned after {stall:.2f}s with the write done ({total:.2f}s in all)"
     assert torch.equal(load_checkpoint(tmp_path / "ckpt-00000001.pt")["G"]["w0"], expected)
