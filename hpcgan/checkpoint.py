@@ -230,7 +230,7 @@ def _open(path: Path, mmap: bool = False):
     except PermissionError:
         raise UsageError(f"{path}: permission denied") from None
     except Exception as exc:
-        if "Weights only load failed" in str(exc):  # a pickle of Python objects: never run its code
+        if "Unsupported global" in str(exc):  # a torch file of Python objects: never run its code
             raise UsageError(f"{path}: not an hpcgan checkpoint (it holds Python objects that weights-only "
                              "loading refuses)") from None
         raise UsageError(f"{path}: truncated or corrupt checkpoint") from None

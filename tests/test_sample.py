@@ -89,3 +89,131 @@ def test_nifti_of_real_brain_slices_matches_the_preprocessed_volume(tmp_path, sa
     assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
     assert np.allclose(out.header.get_zooms(), spacing)
     np.testing.assert_allclose(out.get_fdata(), np.clip(slab, lo, hi), atol=1e-4 * (hi - lo))
+
+
+# ---------------------------------------------------------------- generation and the sample command
+
+import torch  # noqa: E402
+
+from hpcgan.checkpoint import CheckpointWriter  # noqa: E402
+from hpcgan.cli import main  # noqa: E402
+from hpcgan.config import to_dict  # noqa: E402
+from hpcgan.networks import ModelConfig, build_generator  # noqa: E402
+from hpcgan.sample import generate_images  # noqa: E402
+from tests.conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi  # noqa: E402
+
+TINY = ModelConfig(resolution=32, channels=1, latent_dim=16, g_base_width=8, max_width=32)
+DATASET = {"image_shape": [1, 32, 32], "pixel_spacing_mm": [6.0, 6.0], "slice_thickness_mm": 2.0,
+           "modalities": ["t1"], "dtype": "uint8",
+           "intensity": {"norm": "percentile", "lo": 5.0, "hi": 205.0, "per_modality": {"t1": {"lo": 5.0, "hi": 205.0}}}}
+
+
+def tiny_checkpoint(run_dir, model=None, step=40):
+    """A run directory with one real checkpoint of a small generator (G and a different G_ema)."""
+    torch.manual_seed(0)
+    G = build_generator(TINY)
+    with torch.no_grad():  # batch-norm statistics as after training, so eval mode differs from train mode
+        G(torch.randn(64, TINY.latent_dim))
+    G_ema = build_generator(TINY)
+    G_ema.load_state_dict(G.state_dict())
+    with torch.no_grad():
+        for p in G_ema.parameters():
+            p.mul_(0.9)
+    state = {"config": {"model": model or to_dict(TINY), "train": {"seed": 0}}, "dataset": DATASET, "step": step,
+             "G": G.state_dict(), "G_ema": G_ema.state_dict()}
+    writer = CheckpointWriter(run_dir / "checkpoints")
+    writer.submit(state, step)
+    writer.close()
+    return run_dir / "checkpoints" / f"ckpt-{step:08d}.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    tiny_checkpoint(run_dir)
+    return run_dir
+
+
+def test_generate_images_depends_on_seed_and_stream_only(tiny_run):
+    a = generate_images(tiny_run, 12, seed=3, stream=1, batch_size=5)
+    assert a.shape == (12, 1, 32, 32) and a.dtype == np.float32 and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_allclose(generate_images(tiny_run, 12, seed=3, stream=1, batch_size=12), a, atol=1e-6)
+    assert not np.allclose(generate_images(tiny_run, 12, seed=3, stream=2), a)
+    assert not np.allclose(generate_images(tiny_run, 12, seed=4, stream=1), a)
+    assert not np.allclose(generate_images(tiny_run, 12, seed=3, stream=1, ema=False), a)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@requires_mpirun
+def test_sample_command_writes_stacks_identically_on_one_and_two_ranks(tiny_run, tmp_path):
+    args = ["sample", "--checkpoint", tiny_run, "--num-stacks", 3, "--stack-size", 12, "--seed", 5,
+            "--batch-size", 5]
+    run_hpcgan(*args, "--out", tmp_path / "one", check=True)
+    run_hpcgan_mpi(2, *args, "--out", tmp_path / "two", check=True)
+    names = [f"stack-{k:05d}.{ext}" for k in range(3) for ext in ("h5", "nii.gz", "png")]
+    for out in ("one", "two"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted(names + ["index.json"])
+        index = json.loads((tmp_path / out / "index.json").read_text())
+        assert index["files"] == sorted(names) and index["step"] == 40 and index["seed"] == 5
+        assert index["num_stacks"] == 3 and index["stack_size"] == 12 and index["formats"] == ["h5", "nifti", "png"]
+        assert index["config"]["model"]["resolution"] == 32
+    ckpt = tiny_run / "checkpoints" / "ckpt-00000040.pt"
+    for k in range(3):
+        one = read_stack_h5(tmp_path / "one" / f"stack-{k:05d}.h5")
+        two = read_stack_h5(tmp_path / "two" / f"stack-{k:05d}.h5")
+        assert one.shape == (12, 1, 32, 32) and one.tobytes() == two.tobytes()
+        np.testing.assert_allclose(one, generate_images(ckpt, 12, seed=5, stream=k), atol=1e-5)
+        attrs = read_stack_attrs(tmp_path / "one" / f"stack-{k:05d}.h5")
+        assert attrs["stack_index"] == k and attrs["checkpoint_sha256"] == index["checkpoint_sha256"]
+        volume = nib.load(tmp_path / "one" / f"stack-{k:05d}.nii.gz")
+        assert volume.shape == (32, 32, 12) and volume.header.get_zooms() == (6.0, 6.0, 2.0)
+        data = volume.get_fdata()
+        np.testing.assert_allclose(data[:, ::-1, :].transpose(2, 1, 0), 5.0 + (one[:, 0] + 1) * 100.0, atol=1e-3)
+        with Image.open(tmp_path / "one" / f"stack-{k:05d}.png") as im:
+            assert im.size == (10 * 32, 2 * 32) and im.mode == "L"
+    assert not np.array_equal(read_stack_h5(tmp_path / "one" / "stack-00000.h5"),
+                              read_stack_h5(tmp_path / "one" / "stack-00001.h5"))
+
+
+@pytest.fixture
+def cli_in_process():
+    """cli.main sets up the hpcgan logger on the captured stderr; put it back afterwards."""
+    import logging
+
+    logger = logging.getLogger("hpcgan")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield main
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_sample_refuses_bad_input_with_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, cli_in_process):
+    good = tiny_run / "checkpoints" / "ckpt-00000040.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:4000])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.ones(3)}, plain)
+    foreign = tiny_checkpoint(tmp_path / "foreign", model={**to_dict(TINY), "wings": 2})
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    cases = [
+        ([tmp_path / "missing.pt"], "no such checkpoint"),
+        ([truncated], "truncated or corrupt checkpoint"),
+        ([text], "truncated or corrupt checkpoint"),
+        ([plain], "not an hpcgan checkpoint"),
+        ([foreign], "unknown key 'model.wings'"),
+        ([good, "--labels", "1"], "--labels: the model is unconditional"),
+        ([good, "--format", "h5,jpeg"], "--format h5,jpeg"),
+    ]
+    out = tmp_path / "out"
+    for (ckpt, *more), message in cases:  # in-process through the CLI's error handling: fast
+        code = cli_in_process(["sample", "--checkpoint", str(ckpt), "--out", str(out), "--stack-size", "2", *map(str, more)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], (ckpt, lines)
+        assert not out.exists()
+    # one real process: the exit status and stderr a user sees
+    result = run_hpcgan("sample", "--checkpoint", good, "--out", blocker / "out", "--stack-size", 2)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and f"{blocker / 'out'}: output directory is not writable" in lines[0]

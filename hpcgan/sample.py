@@ -1,0 +1,228 @@
+"""Write stacks of generated images from a checkpoint, as the reference study did (stacks of 100).
+
+Per stack k, in --out:
+  stack-0000k.h5      dataset `images` (stack, C, H, W) float32 in [-1, 1]; attributes: checkpoint_sha256,
+                      step, seed, stack_index, labels, config (JSON)
+  stack-0000k.nii.gz  a volume (X, Y, stack) in RAS with the training voxel size, values mapped back to the
+                      training intensity range, clean header (4-D (X, Y, stack, C) when the channels are
+                      different modalities; else the first channel)
+  stack-0000k.png     a 10x10 contact sheet
+and index.json (checkpoint sha256, step, seed, sizes, formats, files, config), written last by rank 0.
+
+The latents of stack k come from a generator seeded by (--seed, k), so the same seed gives the same
+images whatever the number of ranks; `mpirun -np N hpcgan sample ...` deals the stacks out
+round-robin. --checkpoint takes a checkpoint file, a checkpoints/ directory or a run directory
+(newest valid checkpoint).
+
+Example:
+  hpcgan sample --checkpoint runs/cepa2023 --out samples/cepa2023 --num-stacks 10 --seed 1"""
+import argparse
+
+import numpy as np
+import torch
+
+from hpcgan.errors import UsageError
+from hpcgan.log import get_logger
+
+FORMATS = ("h5", "nifti", "png")
+SHEET_COLUMNS = 10
+
+log = get_logger("sample")
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")
+    parser.add_argument("--stack-size", type=int, default=100, metavar="N", help="images per stack (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="latent seed; stack k uses (seed, k) (default 0)")
+    parser.add_argument("--format", default="h5,nifti,png", help="comma-separated subset of h5,nifti,png (default all)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA generator if the checkpoint has one (default), or the trained G")
+    parser.add_argument("--labels", default=None, metavar="L0,L1,...",
+                        help="class labels of a conditional model, cycled over the images (default: all classes)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda:<local rank> if CUDA is available, else cpu (default auto)")
+
+
+# ---------------------------------------------------------------- generation (Python API)
+
+
+def stack_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for stream `index` of `seed`, independent of how streams are spread over ranks."""
+    words = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def load_generator(checkpoint, ema: bool = True, device="cpu", source: str = "checkpoint"):
+    """G of a checkpoint (dict or path), built from its `config.model`, in eval mode on `device`.
+    A config the networks do not know, or weights that do not fit it, are a UsageError naming `source`."""
+    from hpcgan.checkpoint import load_checkpoint
+    from hpcgan.config import build
+    from hpcgan.networks import ModelConfig, build_generator
+
+    if not isinstance(checkpoint, dict):
+        source = str(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    model = (checkpoint.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        raise UsageError(f"{source}: the checkpoint has no model config (config.model)")
+    cfg = build(ModelConfig, model, source=f"{source} (config)", prefix="model.")
+    key = "G_ema" if ema and checkpoint.get("G_ema") is not None else "G"
+    if ema and key == "G":
+        log.warning("%s: no EMA generator in the checkpoint; using G", source)
+    if not isinstance(checkpoint.get(key), dict):
+        raise UsageError(f"{source}: the checkpoint has no {key} weights")
+    G = build_generator(cfg)
+    try:
+        G.load_state_dict(checkpoint[key])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{source}: the {key} weights do not fit the model in its config ({first})") from None
+    return G.eval().requires_grad_(False).to(device)
+
+
+def class_labels(labels, num_images: int, num_classes: int):
+    """(num_images,) int64 labels cycling over `labels` (default: every class), or None for an
+    unconditional model."""
+    if not num_classes:
+        if labels:
+            raise UsageError("--labels: the model is unconditional (model.num_classes = 0)")
+        return None
+    labels = list(range(num_classes)) if not labels else list(labels)
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise UsageError(f"--labels: {bad[0]} is not a class of this model (0 to {num_classes - 1})")
+    return torch.tensor([labels[i % len(labels)] for i in range(num_images)], dtype=torch.int64)
+
+
+@torch.no_grad()
+def generate_images(checkpoint, num_images: int, seed: int = 0, ema: bool = True, labels=None, batch_size: int = 50,
+                    device="cpu", stream: int = 0, progress=None) -> np.ndarray:
+    """(num_images, C, H, W) float32 in [-1, 1] from the generator of `checkpoint` (a checkpoint dict,
+    a path as `load_checkpoint` takes, or a generator from `load_generator`, to build it once for
+    many calls). Latents come from (seed, stream) and are drawn on the CPU, so the images do not
+    depend on the batch size, the device or the number of ranks. `progress`: a tqdm bar to update."""
+    G = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_generator(checkpoint, ema, device)
+    cfg = G.cfg
+    g = torch.Generator().manual_seed(stack_seed(seed, stream))
+    z = torch.randn(num_images, cfg.latent_dim, generator=g)
+    y = class_labels(labels, num_images, cfg.num_classes)
+    device = next(G.parameters()).device
+    out = []
+    for start in range(0, num_images, batch_size):
+        end = min(start + batch_size, num_images)
+        out.append(G(z[start:end].to(device), None if y is None else y[start:end].to(device)).float().cpu())
+        if progress is not None:
+            progress.update(end - start)
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------- files
+
+
+def stack_name(index: int) -> str:
+    return f"stack-{index:05d}"
+
+
+def write_stack(out, index: int, images: np.ndarray, formats, attrs: dict, dataset: dict | None) -> list:
+    """Write one stack in each format; returns the file names."""
+    from hpcgan.stacks import contact_sheet, write_png, write_stack_h5, write_stack_nifti
+
+    name, files = stack_name(index), []
+    if "h5" in formats:
+        write_stack_h5(f"{out}/{name}.h5", images, attrs)
+        files.append(f"{name}.h5")
+    if "nifti" in formats:
+        modalities = dataset.get("modalities") or []
+        write_stack_nifti(f"{out}/{name}.nii.gz", images, dataset["pixel_spacing_mm"], dataset["slice_thickness_mm"],
+                          dataset.get("intensity"), all_channels=len(modalities) > 1)
+        files.append(f"{name}.nii.gz")
+    if "png" in formats:
+        write_png(contact_sheet(images, nrow=SHEET_COLUMNS), f"{out}/{name}.png")
+        files.append(f"{name}.png")
+    return files
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse_formats(text: str) -> list:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UsageError(f"--format {text}: expected a comma-separated subset of {','.join(FORMATS)}")
+    return [f for f in FORMATS if f in formats]
+
+
+def parse_labels(text):
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--labels {text}: expected comma-separated class numbers, e.g. 0,1") from None
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def check_nifti_geometry(dataset, source):
+    missing = [k for k in ("pixel_spacing_mm", "slice_thickness_mm") if not (dataset or {}).get(k)]
+    if missing:
+        raise UsageError(f"{source}: the checkpoint has no dataset.{missing[0]} to write NIfTI volumes; "
+                         "use --format h5,png")
+
+
+def run(args):
+    from tqdm import tqdm
+
+    from hpcgan.checkpoint import load_checkpoint, resolve_checkpoint
+    from hpcgan.dist import launch_env, mpi_comm
+    from hpcgan.io import check_writable_dir, sha256_file, write_json_atomic
+
+    # Every input is checked on every rank before any collective or any file.
+    env = launch_env()
+    for flag in ("num_stacks", "stack_size", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    formats = parse_formats(args.format)
+    labels = parse_labels(args.labels)
+    path = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(path)
+    device = resolve_device(args.device, env.local_rank)
+    G = load_generator(ckpt, args.ema, device, source=str(path))
+    class_labels(labels, 1, G.cfg.num_classes)  # refuse bad --labels now, not after the first stack
+    dataset = ckpt.get("dataset") or {}
+    if "nifti" in formats:
+        check_nifti_geometry(dataset, path)
+    out = check_writable_dir(args.out)
+    sha = sha256_file(path)
+
+    config = ckpt.get("config") or {}
+    attrs = {"checkpoint_sha256": sha, "step": int(ckpt.get("step") or 0), "seed": args.seed,
+             "labels": labels or [], "config": config}
+    mine = range(env.rank, args.num_stacks, env.world_size)
+    files = []
+    with tqdm(total=len(mine) * args.stack_size, unit="img", desc="sampling", disable=env.rank != 0) as bar:
+        for k in mine:
+            images = generate_images(G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size,
+                                     stream=k, progress=bar)
+            files += write_stack(out, k, images, formats, {**attrs, "stack_index": k}, dataset)
+
+    comm = mpi_comm() if env.world_size > 1 else None
+    every_rank = comm.gather(files, root=0) if comm is not None else [files]
+    if env.rank == 0:
+        index = {"checkpoint_sha256": sha, "step": attrs["step"], "seed": args.seed, "num_stacks": args.num_stacks,
+                 "stack_size": args.stack_size, "formats": formats, "ema": args.ema, "labels": labels or [],
+                 "files": sorted(f for rank_files in every_rank for f in rank_files), "config": config}
+        write_json_atomic(f"{out}/index.json", index)
+        log.info("wrote %d stacks of %d images to %s", args.num_stacks, args.stack_size, out)
+    return 0
