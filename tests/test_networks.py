@@ -228,3 +228,24 @@ def test_wgan_gp_64_steps_fast_on_one_core():
     finally:
         torch.set_num_threads(threads)
     assert min(times[1:]) < 0.5, times  # the demo and the tests rely on this
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["wgan-gp-64", "hinge-sn-128", "cepa2023"])
+def test_cuda_step_under_autocast(name):
+    """Devices follow the input: a full D and G step on CUDA under bf16 autocast, with DiffAugment."""
+    from hpcgan.augment import diff_augment
+    cfg, loss = shipped(name)
+    device = torch.device("cuda")
+    G, D = build_generator(cfg).to(device), build_discriminator(cfg).to(device)
+    D_aug = lambda x, labels=None: D(diff_augment(x, "translation,cutout,color"), labels)  # noqa: E731
+    real = torch.rand(2, cfg.channels, cfg.resolution, cfg.resolution, device=device) * 2 - 1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_D, stats = d_loss(loss, D_aug, real, G(torch.randn(2, cfg.latent_dim, device=device)))
+    loss_D.backward()
+    assert torch.isfinite(loss_D) and all(v.device.type == "cuda" for v in stats.values())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_G, _ = g_loss(loss, D_aug, G(torch.randn(2, cfg.latent_dim, device=device)))
+    loss_G.backward()
+    assert torch.isfinite(loss_G) and all(p.grad is not None for p in G.parameters())
