@@ -15,28 +15,51 @@ def test_resize_weights_are_a_normalised_non_negative_filter():
         np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
 
 
+NO_PAD = ((0, 0), (0, 0))
+
+
+def naive_pad_and_resize(images, padding, size):
+    """The plain definition that pad_and_resize computes faster: pad with -1, then one dense
+    matrix product per axis."""
+    padded = np.pad(images, ((0, 0), *padding), constant_values=-1.0)
+    rows, cols = T.resize_weights(padded.shape[1], size), T.resize_weights(padded.shape[2], size)
+    return np.clip(rows @ padded @ cols.T, -1.0, 1.0)
+
+
+def test_pad_and_resize_equals_padding_then_dense_resize():
+    rng = np.random.default_rng(0)
+    images = np.full((3, 90, 70), -1.0, dtype=np.float32)
+    images[:, 20:75, 10:50] = rng.uniform(-1, 1, size=(3, 55, 40))  # a foreground blob
+    for padding, size in ((((0, 0), (10, 10)), 64), (((3, 4), (0, 1)), 128), (NO_PAD, 32)):
+        fast = T.pad_and_resize(images, padding, size)
+        np.testing.assert_allclose(fast, naive_pad_and_resize(images, padding, size), atol=2e-6)
+    assert (T.pad_and_resize(np.full((2, 9, 9), -1.0, np.float32), NO_PAD, 32) == -1.0).all()
+
+
 def test_resize_keeps_constants_and_antialiases_a_checkerboard():
     flat = np.full((2, 90, 120), 0.25, dtype=np.float32)
-    np.testing.assert_allclose(T.resize_images(flat, 32), 0.25, atol=1e-6)
+    np.testing.assert_allclose(T.pad_and_resize(flat, NO_PAD, 32), 0.25, atol=1e-6)
     # A 1-pixel checkerboard shrunk 4x must average to grey; point sampling would alias to ±1.
     checker = (np.indices((128, 128)).sum(axis=0) % 2 * 2.0 - 1.0).astype(np.float32)[None]
-    assert np.abs(T.resize_images(checker, 32)).max() < 0.05
+    assert np.abs(T.pad_and_resize(checker, NO_PAD, 32)).max() < 0.05
 
 
 def test_resize_of_a_bar_stays_centred():
-    image = np.zeros((1, 100, 100), dtype=np.float32)
+    image = np.full((1, 100, 100), -1.0, dtype=np.float32)
     image[0, 40:60, :] = 1.0  # a horizontal bar across the middle
-    out = T.resize_images(image, 50)[0]
-    profile = out.mean(axis=1)
+    profile = T.pad_and_resize(image, NO_PAD, 50)[0].mean(axis=1) + 1.0
     assert abs((profile * np.arange(50)).sum() / profile.sum() - 24.5) < 1e-3
 
 
-def test_resize_labels_takes_nearest_labels_only():
+def test_pad_and_resize_labels_is_nearest_neighbour_of_the_padded_map():
     labels = np.random.default_rng(0).integers(0, 5, size=(3, 37, 53)).astype(np.uint16)
-    out = T.resize_labels(labels, 64)
-    assert out.shape == (3, 64, 64) and set(np.unique(out)) <= set(np.unique(labels))
-    same = T.resize_labels(labels[:, :, :37], 37)
-    assert (same == labels[:, :, :37]).all()
+    padding = ((8, 8), (0, 0))
+    out = T.pad_and_resize_labels(labels, padding, 64)
+    padded = np.pad(labels, ((0, 0), *padding))
+    rows = ((np.arange(64) + 0.5) * padded.shape[1] / 64).astype(int)
+    cols = ((np.arange(64) + 0.5) * padded.shape[2] / 64).astype(int)
+    np.testing.assert_array_equal(out, padded[:, rows[:, None], cols[None, :]])
+    np.testing.assert_array_equal(T.pad_and_resize_labels(labels[:, :, :37], NO_PAD, 37), labels[:, :, :37])
 
 
 def test_square_fov_padding_makes_anisotropic_slices_cover_the_same_millimetres():
@@ -79,6 +102,25 @@ def test_percentile_and_zscore_ranges_ignore_zero_background():
     assert T.ct_window_range(40.0, 80.0) == (0.0, 80.0)
 
 
+def test_histogram_percentiles_equal_numpy_for_8_and_16_bit_volumes():
+    rng = np.random.default_rng(3)
+    for dtype, low, high in ((np.uint8, 0, 256), (np.int16, -1200, 3000), (np.uint16, 0, 60000), (np.int8, -128, 128)):
+        volume = rng.integers(low, high, size=(30, 20, 17)).astype(dtype)
+        volume[:5] = 0
+        expected = np.percentile(volume[volume != 0], [0.5, 99.5])
+        np.testing.assert_allclose(T.percentile_range(volume, 0.5, 99.5), expected, rtol=1e-12)
+
+
+def test_normalise_by_lookup_table_equals_arithmetic():
+    rng = np.random.default_rng(4)
+    for dtype in (np.uint8, np.int16, np.float32):
+        volume = rng.integers(-50 if dtype != np.uint8 else 0, 200, size=(6, 7, 8)).astype(dtype)
+        view = T.axial_view(volume)  # strided, as in preprocessing
+        for zero_is_background in (True, False):
+            expected = T.scale_to_unit(view, 10.0, 150.0, (view == 0) if zero_is_background else None)
+            np.testing.assert_array_equal(T.normalise(view, 10.0, 150.0, zero_is_background), expected)
+
+
 def test_scale_to_unit_maps_range_clips_and_sets_background():
     values = np.array([0, 50, 100, 150, 250], dtype=np.uint8)
     out = T.scale_to_unit(values, 50.0, 150.0, background=values == 0)
@@ -87,6 +129,10 @@ def test_scale_to_unit_maps_range_clips_and_sets_background():
 
 
 def test_select_slices_by_range_and_fraction():
+    volume = np.zeros((4, 5, 3), dtype=np.int16)
+    volume[:2, :, 1] = 7
+    np.testing.assert_allclose(T.foreground_fraction(volume), [0.0, 0.5, 0.0])
+    np.testing.assert_allclose(T.foreground_fraction(volume, threshold=8), [0.0, 0.0, 0.0])
     fractions = np.array([0.0, 0.05, 0.2, 0.5, 0.3, 0.0])
     assert T.select_slices(fractions).tolist() == [0, 1, 2, 3, 4, 5]
     assert T.select_slices(fractions, None, 0.1).tolist() == [2, 3, 4]

@@ -209,8 +209,10 @@ def pseudonym(name: str, salt: str) -> str:
 
 
 def split_subjects(ids: list, val_fraction: float, seed: int) -> dict:
-    """{id: 'train'|'val'}, by subject, reproducible from the seed. At least one subject is
-    held out when val_fraction > 0 and there are two or more subjects."""
+    """{id: 'train'|'val'} in the seed's shuffled order (the order shards are filled in, so
+    that patterns in subject names do not pile similar subjects into one shard or rank), split
+    by subject and reproducible from the seed. At least one subject is held out when
+    val_fraction > 0 and there are two or more subjects."""
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     n_val = int(round(val_fraction * len(ids)))
     if val_fraction > 0 and len(ids) >= 2:
@@ -233,7 +235,7 @@ def make_plan(cfg: PreprocessConfig) -> dict:
         raise UsageError(f"--input: no NIfTI volumes named <subject>_<modality>.nii[.gz] for modalities "
                          f"{', '.join(wanted)}")
     salt = read_salt(cfg.salt_file) if cfg.pseudonymize else ""
-    skipped, good, grids = [], {}, {}
+    skipped, good, grids, byte_labels = [], {}, {}, True
     for name, subject in subjects.items():
         sid = pseudonym(name, salt) if cfg.pseudonymize else name
         try:
@@ -252,6 +254,7 @@ def make_plan(cfg: PreprocessConfig) -> dict:
             continue
         good[sid] = subject
         grids[sid] = T.ras_shape_and_spacing(headers[wanted[0]].shape, headers[wanted[0]].affine)
+        byte_labels = byte_labels and (not cfg.mask or headers[cfg.mask].byte_labels)
     if not good:
         raise UsageError("no usable subject left after skipping bad ones")
     if len(set(good)) != len(good):
@@ -262,11 +265,12 @@ def make_plan(cfg: PreprocessConfig) -> dict:
     splits = split_subjects(sorted(good), cfg.val_fraction, cfg.seed)
     shards = []
     for split, n_shards in (("train", cfg.shards), ("val", max(1, int(round(cfg.shards * cfg.val_fraction))))):
-        shards += assign_shards([s for s in sorted(good) if splits[s] == split], n_shards, split)
+        shards += assign_shards([s for s in splits if splits[s] == split], n_shards, split)
     plan = {
         "fingerprint": fingerprint(cfg, good, salt),
         "fov_mm": float(fov_mm),
         "slice_thickness_mm": float(np.median([spacing[2] for _, spacing in grids.values()])),
+        "mask_dtype": "uint8" if byte_labels else "uint16",  # from the headers: the same for every shard
         "subjects": {sid: {"files": s.files, "name": s.name, "split": splits[sid]} for sid, s in good.items()},
         "shards": shards,
         "skipped": skipped,
@@ -314,47 +318,49 @@ def intensity_range(cfg: PreprocessConfig, volume: np.ndarray):
     return T.ct_window_range(cfg.ct_level, cfg.ct_width)
 
 
-def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float):
+BLOCK_SLICES = 32  # slices transformed at a time: bounds the float32 temporaries
+
+
+def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float, mask_dtype: str = "uint16"):
     """Load, check and transform one subject. Returns (slice indices, encoded images
-    (S, C, size, size), masks (S, size, size) uint16 or None, {modality: [lo, hi]})."""
-    volumes, spacing = [], None
+    (S, C, size, size), masks (S, size, size) or None, {modality: [lo, hi]}, {modality: sha256})."""
+    volumes, digests, spacing = [], {}, None
     for modality in cfg.modalities:
-        data, affine = load_volume(sid, files[modality], cfg.volume_index)
+        data, affine, digests[modality] = load_volume(sid, files[modality], cfg.volume_index)
         data, affine = T.reorient_to_ras(data, affine)
         volumes.append((modality, data))
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     ranges = {modality: intensity_range(cfg, data) for modality, data in volumes}
 
     # Slices are chosen on the union of all modalities' foreground (non-zero, or above the CT window).
-    fractions = None
-    for modality, data in volumes:
-        foreground = data > ranges[modality][0] if cfg.norm == "ct-window" else data != 0
-        f = T.foreground_fraction(foreground)
-        fractions = f if fractions is None else np.maximum(fractions, f)
+    ct = cfg.norm == "ct-window"
+    fractions = np.max([T.foreground_fraction(data, ranges[m][0] if ct else None) for m, data in volumes], axis=0)
     slice_range = T.parse_slice_range(cfg.slices) if cfg.slices else None
     indices = T.select_slices(fractions, slice_range, cfg.min_brain_fraction)
     nx, ny = volumes[0][1].shape[:2]
     padding = T.square_fov_padding(ny, nx, (spacing[1], spacing[0]), fov_mm)
 
-    channels = []
-    for modality, data in volumes:
-        slab = data[:, :, indices]
-        background = slab == 0 if cfg.norm != "ct-window" else None
-        unit = T.axial_to_image(T.scale_to_unit(slab, *ranges[modality], background))
-        channels.append(T.resize_images(T.pad_images(unit, padding, -1.0), cfg.size))
-    images = T.replicate_channels(np.stack(channels, axis=1), cfg.num_channels)
-    encoded = T.encode(images, cfg.dtype)
+    encoded = np.empty((len(indices), cfg.num_channels, cfg.size, cfg.size), dtype=cfg.dtype)
+    for start in range(0, len(indices), BLOCK_SLICES):
+        block = indices[start:start + BLOCK_SLICES]
+        channels = [T.pad_and_resize(T.normalise(T.axial_view(T.axial_slab(data, block)), *ranges[m], not ct),
+                                     padding, cfg.size) for m, data in volumes]
+        images = T.replicate_channels(np.stack(channels, axis=1), cfg.num_channels)
+        encoded[start:start + len(block)] = T.encode(images, cfg.dtype)
+    del volumes
 
     masks = None
     if cfg.mask:
-        data, affine = load_volume(sid, files[cfg.mask], cfg.volume_index, allow_all_zero=True)
+        data, affine, digests[cfg.mask] = load_volume(sid, files[cfg.mask], cfg.volume_index, allow_all_zero=True)
         data, _ = T.reorient_to_ras(data, affine)
-        slab = data[:, :, indices]
-        if slab.size and (slab.min() < 0 or slab.max() > np.iinfo(np.uint16).max):
-            raise BadInput(sid, f"{os.path.basename(files[cfg.mask])}: mask labels outside 0..65535")
-        labels = np.rint(slab).astype(np.uint16)
-        masks = T.resize_labels(T.pad_images(T.axial_to_image(labels), padding, 0), cfg.size)
-    return indices, encoded, masks, {m: [float(lo), float(hi)] for m, (lo, hi) in ranges.items()}
+        labels = T.axial_view(T.axial_slab(data, indices))
+        limit = np.iinfo(mask_dtype).max
+        if labels.size and (labels.min() < 0 or labels.max() > limit):
+            raise BadInput(sid, f"{os.path.basename(files[cfg.mask])}: mask labels outside 0..{limit}")
+        if labels.dtype.kind == "f":
+            labels = np.rint(labels)
+        masks = T.pad_and_resize_labels(labels, padding, cfg.size).astype(mask_dtype)
+    return indices, encoded, masks, {m: [float(lo), float(hi)] for m, (lo, hi) in ranges.items()}, digests
 
 
 # ---------------------------------------------------------------- one shard (any rank)
@@ -372,14 +378,14 @@ def shard_is_finished(out: str, shard: dict, fp: str):
     return record
 
 
-def source_files(cfg: PreprocessConfig, sid: str, subject: dict) -> dict:
+def source_files(cfg: PreprocessConfig, sid: str, subject: dict, digests: dict) -> dict:
     """{modality: {file, sha256}}; with --pseudonymize the file name carries the pseudonym."""
     out = {}
     for modality, path in sorted(subject["files"].items()):
         name = os.path.basename(path)
         if cfg.pseudonymize:
             name = f"{sid}_{modality}{name[len(nifti_stem(path)):]}"
-        out[modality] = {"file": name, "sha256": sha256_file(path)}
+        out[modality] = {"file": name, "sha256": digests[modality]}
     return out
 
 
@@ -394,13 +400,14 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
     subjects, skipped = {}, []
     path = os.path.join(out, shard["name"])
     with atomic_path(path) as tmp:
-        writer = ShardWriter(tmp, cfg.num_channels, cfg.size, cfg.dtype, bool(cfg.mask), cfg.compression,
-                             cfg.chunk_slices, attrs)
+        writer = ShardWriter(tmp, cfg.num_channels, cfg.size, cfg.dtype, plan["mask_dtype"] if cfg.mask else None,
+                             cfg.compression, cfg.chunk_slices, attrs)
         try:
             for sid in shard["subjects"]:
                 subject = plan["subjects"][sid]
                 try:
-                    indices, images, masks, ranges = process_subject(cfg, sid, subject["files"], plan["fov_mm"])
+                    indices, images, masks, ranges, digests = process_subject(
+                        cfg, sid, subject["files"], plan["fov_mm"], plan["mask_dtype"])
                 except BadInput as exc:
                     if not cfg.skip_bad:
                         raise
@@ -411,7 +418,7 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
                 writer.append(sid, indices, images, masks)
                 subjects[sid] = {"split": shard["split"], "shard": shard["name"], "slices": len(indices),
                                  "slice_indices": [int(i) for i in indices], "intensity": ranges,
-                                 "files": source_files(cfg, sid, subject)}
+                                 "files": source_files(cfg, sid, subject, digests)}
                 progress(len(indices))
         finally:
             writer.close({"intensity": {sid: s["intensity"] for sid, s in subjects.items()}})

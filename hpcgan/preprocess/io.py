@@ -5,6 +5,7 @@ folder, or picked by a glob. A bad volume raises `BadInput` with a reason that n
 its base name only: input paths never reach logs, shards or the manifest.
 """
 import glob
+import hashlib
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class Header:
     shape: tuple  # spatial shape (3 axes)
     affine: np.ndarray
     volumes: int  # length of the 4th axis (1 for 3-D)
+    byte_labels: bool  # unscaled 8-bit integers: labels fit in uint8
 
 
 def read_header(subject: str, path: str, volume_index=None) -> Header:
@@ -107,7 +109,10 @@ def read_header(subject: str, path: str, volume_index=None) -> Header:
     affine = image.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BadInput(subject, f"{name}: invalid affine (not finite or singular)")
-    return Header(shape[:3], np.asarray(affine, dtype=np.float64), volumes)
+    slope, inter = image.header.get_slope_inter()
+    byte_labels = image.get_data_dtype().kind in "iu" and image.get_data_dtype().itemsize == 1 and \
+        slope in (None, 1.0) and inter in (None, 0.0)
+    return Header(shape[:3], np.asarray(affine, dtype=np.float64), volumes, byte_labels)
 
 
 def check_same_grid(subject: str, headers: dict):
@@ -122,15 +127,43 @@ def check_same_grid(subject: str, headers: dict):
             raise BadInput(subject, f"{modality} and {first_mod} have different affines (not in the same space)")
 
 
-def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False):
-    """Voxel data (scale slope/intercept applied, memory-mapped for .nii) and affine, checked
-    for readability, NaN/Inf and (unless `allow_all_zero`, as for an empty lesion mask)
-    all-zero content. The array keeps the file's dtype when no scaling is needed."""
+def gunzip(data: bytes) -> bytes:
+    """Decompress every gzip member in C (zlib checks each member's CRC itself)."""
+    parts = []
+    while data:
+        stream = zlib.decompressobj(31)
+        parts.append(stream.decompress(data))
+        if not stream.eof:
+            raise EOFError("compressed data ended before the end of the gzip stream")
+        data = stream.unused_data.lstrip(b"\0")
+    return b"".join(parts)
+
+
+def read_image(path: str):
+    """(nibabel image, sha256 of the file). A .nii.gz is read once into memory, hashed and
+    decompressed in one call (much faster than streaming it); a .nii is memory-mapped."""
     import nibabel as nib
 
+    if not path.endswith(".gz"):
+        from hpcgan.io import sha256_file
+
+        return nib.load(path), sha256_file(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    digest = hashlib.sha256(raw).hexdigest()
+    raw = gunzip(raw)
+    header_size = int.from_bytes(raw[:4], "little")
+    klass = nib.Nifti2Image if header_size in (540, 540 << 24) else nib.Nifti1Image
+    return klass.from_bytes(raw), digest
+
+
+def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False):
+    """(voxel data, affine, sha256 of the file), the data with scale slope/intercept applied and
+    checked for readability, NaN/Inf and (unless `allow_all_zero`, as for an empty lesion
+    mask) all-zero content. The array keeps the file's dtype when no scaling is needed."""
     name = os.path.basename(path)
     try:
-        image = nib.load(path)
+        image, digest = read_image(path)
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         raise BadInput(subject, f"{name}: truncated or corrupt data ({_short(exc)})") from None
@@ -142,7 +175,7 @@ def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False
         raise BadInput(subject, f"{name}: contains NaN or Inf voxels")
     if not allow_all_zero and not data.any():
         raise BadInput(subject, f"{name}: all voxels are zero")
-    return data, np.asarray(image.affine, dtype=np.float64)
+    return data, np.asarray(image.affine, dtype=np.float64), digest
 
 
 def _short(exc) -> str:

@@ -18,7 +18,7 @@ class ShardWriter:
     """Append whole subjects to an open HDF5 file. Datasets grow along N; the byte layout
     depends only on what is appended, in which order, so any rank writes the same file."""
 
-    def __init__(self, path, channels: int, size: int, dtype: str, with_masks: bool, compression: str,
+    def __init__(self, path, channels: int, size: int, dtype: str, mask_dtype: str | None, compression: str,
                  chunk_slices: int, attrs: dict):
         import h5py
 
@@ -30,9 +30,9 @@ class ShardWriter:
             "images", shape=(0, channels, size, size), maxshape=(None, channels, size, size), dtype=dtype,
             chunks=(chunk_slices, channels, size, size), **options)
         self.masks = None
-        if with_masks:
+        if mask_dtype:
             self.masks = self.file.create_dataset(
-                "masks", shape=(0, size, size), maxshape=(None, size, size), dtype=np.uint16,
+                "masks", shape=(0, size, size), maxshape=(None, size, size), dtype=mask_dtype,
                 chunks=(chunk_slices, size, size), **options)
         self.subject = self.file.create_dataset("subject", shape=(0,), maxshape=(None,),
                                                 dtype=f"S{SUBJECT_ID_BYTES}", chunks=(1024,), track_times=False)

@@ -39,10 +39,24 @@ def ras_shape_and_spacing(shape, affine):
     return tuple(out_shape), tuple(out_spacing)
 
 
+def axial_slab(volume: np.ndarray, indices) -> np.ndarray:
+    """(X, Y, len(indices)) axial slices of an (X, Y, Z) volume: a view (no copy) when the
+    indices are consecutive, as they usually are."""
+    indices = np.asarray(indices)
+    if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
+        return volume[:, :, indices[0]:indices[0] + len(indices)]
+    return volume[:, :, indices]
+
+
+def axial_view(slab: np.ndarray) -> np.ndarray:
+    """(X, Y, S) RAS slab → (S, H, W) view, anterior at the top and the subject's right on the
+    right (neurological view): rows run along -Y, columns along +X."""
+    return slab[:, ::-1, :].transpose(2, 1, 0)
+
+
 def axial_to_image(slab: np.ndarray) -> np.ndarray:
-    """(X, Y, S) RAS slab → (S, H, W) images, anterior at the top and the subject's right on
-    the right (neurological view): rows run along -Y, columns along +X."""
-    return np.ascontiguousarray(np.transpose(slab[:, ::-1, :], (2, 1, 0)))
+    """`axial_view` as a contiguous array."""
+    return np.ascontiguousarray(axial_view(slab))
 
 
 def square_fov_padding(height: int, width: int, spacing_hw, fov_mm: float):
@@ -55,14 +69,6 @@ def square_fov_padding(height: int, width: int, spacing_hw, fov_mm: float):
         extra = target - n
         pads.append((extra // 2, extra - extra // 2))
     return tuple(pads)
-
-
-def pad_images(images: np.ndarray, padding, fill) -> np.ndarray:
-    """Pad (S, H, W) images with a constant (background) value."""
-    (top, bottom), (left, right) = padding
-    if not (top or bottom or left or right):
-        return images
-    return np.pad(images, ((0, 0), (top, bottom), (left, right)), constant_values=fill)
 
 
 def resize_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -79,27 +85,63 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Anti-aliased resize of (S, H, W) float images to (S, size, size): one matrix product per
-    axis, which is separable linear filtering."""
-    rows = resize_weights(images.shape[1], size)
-    cols = resize_weights(images.shape[2], size)
-    return np.matmul(np.matmul(rows, images), cols.T)
+def _span(mask: np.ndarray):
+    """(first, last + 1) of the True entries; (0, 0) when there are none."""
+    where = np.flatnonzero(mask)
+    return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
 
 
-def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of (S, H, W) label maps (labels must never be blended)."""
-    rows = np.minimum(((np.arange(size) + 0.5) * labels.shape[1] / size).astype(int), labels.shape[1] - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * labels.shape[2] / size).astype(int), labels.shape[2] - 1)
-    return labels[:, rows[:, None], cols[None, :]]
+def pad_and_resize(images: np.ndarray, padding, size: int) -> np.ndarray:
+    """(S, H, W) float images in [-1, 1] with background -1 → padded with background by
+    `padding` ((top, bottom), (left, right)) and resized with anti-aliasing to (S, size, size).
+
+    Works on images + 1, where the background is 0: padding then adds nothing (only the columns
+    of the padded weights that fall on real pixels are kept), and only the bounding box of the
+    foreground and the output pixels it reaches need arithmetic. Weight rows sum to 1, so
+    resize(x + 1) - 1 = resize(x)."""
+    (top, bottom), (left, right) = padding
+    n, height, width = images.shape
+    row_weights = resize_weights(height + top + bottom, size)[:, top:top + height]
+    col_weights = resize_weights(width + left + right, size)[:, left:left + width]
+    foreground = images > -1.0
+    r0, r1 = _span(foreground.any(axis=(0, 2)))
+    c0, c1 = _span(foreground.any(axis=(0, 1)))
+    out = np.full((n, size, size), -1.0, dtype=np.float32)
+    if r1 > r0 and c1 > c0:
+        rows, cols = row_weights[:, r0:r1], col_weights[:, c0:c1]
+        o0, o1 = _span(rows.any(axis=1))
+        p0, p1 = _span(cols.any(axis=1))
+        shifted = images[:, r0:r1, c0:c1] + np.float32(1.0)
+        block = np.matmul(np.matmul(rows[o0:o1], shifted), cols[p0:p1].T)
+        out[:, o0:o1, p0:p1] = block - np.float32(1.0)
+        np.clip(out, -1.0, 1.0, out=out)
+    return out
+
+
+def pad_and_resize_labels(labels: np.ndarray, padding, size: int) -> np.ndarray:
+    """Nearest-neighbour counterpart of `pad_and_resize` for (S, H, W) label maps (labels are
+    never blended); padding is label 0."""
+    out = labels
+    for axis, n, (before, after) in ((1, labels.shape[1], padding[0]), (2, labels.shape[2], padding[1])):
+        padded = n + before + after
+        source = np.floor((np.arange(size) + 0.5) * padded / size).astype(np.int64) - before
+        inside = (source >= 0) & (source < n)
+        out = np.take(out, np.clip(source, 0, n - 1), axis=axis)
+        if not inside.all():
+            index = [slice(None)] * 3
+            index[axis] = ~inside
+            out[tuple(index)] = 0
+    return out
 
 
 # ---------------------------------------------------------------- slice selection
 
 
-def foreground_fraction(foreground: np.ndarray) -> np.ndarray:
-    """Fraction of foreground voxels in each axial slice of an (X, Y, Z) boolean volume."""
-    return foreground.mean(axis=(0, 1))
+def foreground_fraction(volume: np.ndarray, threshold=None) -> np.ndarray:
+    """Fraction of foreground voxels in each axial slice of an (X, Y, Z) volume: non-zero
+    voxels, or voxels above `threshold` (CT)."""
+    foreground = volume if threshold is None else volume > threshold
+    return np.count_nonzero(foreground, axis=(0, 1)) / float(volume.shape[0] * volume.shape[1])
 
 
 def select_slices(fractions: np.ndarray, slice_range=None, min_fraction: float = 0.0) -> np.ndarray:
@@ -124,11 +166,50 @@ def parse_slice_range(text: str):
 # ---------------------------------------------------------------- intensity
 
 
+def _small_int_codes(volume: np.ndarray):
+    """Unsigned view of an 8- or 16-bit integer volume (its values as table indices), else None."""
+    if volume.dtype.kind in "iu" and volume.dtype.itemsize <= 2:
+        return volume.view(np.dtype(f"u{volume.dtype.itemsize}"))
+    return None
+
+
+def _code_values(dtype) -> np.ndarray:
+    """The value of every code of an 8- or 16-bit integer dtype."""
+    dtype = np.dtype(dtype)
+    return np.arange(1 << (8 * dtype.itemsize), dtype=f"u{dtype.itemsize}").view(dtype)
+
+
+def value_counts(codes: np.ndarray) -> np.ndarray:
+    """Histogram of the codes of an 8/16-bit volume, counted slab by slab along the last axis
+    (bincount widens its input to int64: per slab that stays small)."""
+    counts = np.zeros(1 << (8 * codes.dtype.itemsize), dtype=np.int64)
+    step = max(1, (1 << 21) // max(1, codes[..., 0].size))
+    for k in range(0, codes.shape[-1], step):
+        counts += np.bincount(codes[..., k:k + step].ravel(order="K"), minlength=len(counts))
+    return counts
+
+
 def percentile_range(volume: np.ndarray, low_pct: float, high_pct: float):
-    """Source intensities at the given percentiles of the non-zero voxels."""
-    values = volume[volume != 0]
-    lo, hi = np.percentile(values, [low_pct, high_pct])
-    return float(lo), float(hi)
+    """Source intensities at the given percentiles of the non-zero voxels (numpy's linear
+    interpolation; exact from a histogram for 8/16-bit integer volumes)."""
+    codes = _small_int_codes(volume)
+    if codes is None:
+        lo, hi = np.percentile(volume[volume != 0], [low_pct, high_pct])
+        return float(lo), float(hi)
+    values = _code_values(volume.dtype)
+    counts = value_counts(codes)
+    counts[values == 0] = 0
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order].astype(np.float64), np.cumsum(counts[order])
+    n = int(cumulative[-1])
+    out = []
+    for pct in (low_pct, high_pct):
+        position = pct / 100.0 * (n - 1)
+        below = int(np.floor(position))
+        v0 = values[np.searchsorted(cumulative, below, side="right")]
+        v1 = values[np.searchsorted(cumulative, min(below + 1, n - 1), side="right")]
+        out.append(float(v0 + (position - below) * (v1 - v0)))
+    return out[0], out[1]
 
 
 def zscore_range(volume: np.ndarray, clip_sigma: float):
@@ -145,13 +226,28 @@ def ct_window_range(level: float, width: float):
 
 def scale_to_unit(images: np.ndarray, lo: float, hi: float, background=None) -> np.ndarray:
     """Map [lo, hi] linearly to [-1, 1] and clip; voxels where `background` is True become -1.
-    Returns float32."""
+    Returns a new contiguous float32 array (the input may be a strided view)."""
     span = hi - lo if hi > lo else 1.0
-    out = (images.astype(np.float32) - np.float32(lo)) * np.float32(2.0 / span) - np.float32(1.0)
+    out = np.empty(images.shape, dtype=np.float32)
+    np.subtract(images, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+    out *= np.float32(2.0 / span)
+    out -= np.float32(1.0)
     np.clip(out, -1.0, 1.0, out=out)
     if background is not None:
         out[background] = -1.0
     return out
+
+
+def normalise(images: np.ndarray, lo: float, hi: float, zero_is_background: bool) -> np.ndarray:
+    """`scale_to_unit` with zero voxels as background (MRI) or not (CT). 8/16-bit integer
+    images go through a lookup table of every possible value: one gather instead of
+    arithmetic on every voxel."""
+    codes = _small_int_codes(images)
+    if codes is None:
+        return scale_to_unit(images, lo, hi, images == 0 if zero_is_background else None)
+    values = _code_values(images.dtype)
+    table = scale_to_unit(values, lo, hi, values == 0 if zero_is_background else None)
+    return table[codes]
 
 
 # ---------------------------------------------------------------- channels and storage
