@@ -12,6 +12,7 @@ A checkpoint directory holds:
   checkpoints.json   index: [{file, step, sha256, metrics}], oldest first (written atomically)
   latest, best       a line with the file name of the newest / best checkpoint (replaced atomically)
 """
+import hashlib
 import json
 import random
 import threading
@@ -72,35 +73,58 @@ def restore_rng_state(state: dict):
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
-def to_host(obj, key: str = "state"):
-    """Deep copy of a nested state: tensors become detached CPU clones (pinned when CUDA is
+def to_host(obj, key: str = "state", into=None):
+    """Deep copy of a nested state: tensors become detached CPU copies (pinned when CUDA is
     available, so device-to-host copies overlap), containers are copied, plain values kept.
-    Anything weights_only loading would refuse (numpy arrays, objects) raises HpcganError naming
-    its key, here in the training thread rather than at resume time."""
+    `into`: a previous result of the same structure whose tensors are free to be overwritten;
+    tensors of the same shape and dtype are copied into them (no allocation, no page faults:
+    several times faster than fresh copies for a large model). Anything weights_only loading would
+    refuse (numpy arrays, objects) raises HpcganError naming its key, here in the training thread
+    rather than at resume time."""
     pinned = torch.cuda.is_available()
-    out = _copy(obj, key, pinned)
+    out = _copy(obj, key, pinned, into)
     if pinned:
         torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads them
     return out
 
 
-def _copy(obj, key, pinned):
+def _copy(obj, key, pinned, into):
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
+        if (isinstance(into, torch.Tensor) and into.shape == t.shape and into.dtype == t.dtype
+                and into.device.type == "cpu" and into.is_contiguous()):
+            return into.copy_(t, non_blocking=pinned)
         if t.is_cuda and pinned:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             return host.copy_(t, non_blocking=True)
         return t.to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _copy(v, f"{key}.{k}", pinned) for k, v in obj.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: _copy(v, f"{key}.{k}", pinned, into.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy(v, f"{key}[{i}]", pinned) for i, v in enumerate(obj))
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(_copy(v, f"{key}[{i}]", pinned, into[i]) for i, v in enumerate(obj))
     if isinstance(obj, np.generic) and obj.ndim == 0:
         return obj.item()  # numpy scalars (e.g. metrics) as Python numbers
     if isinstance(obj, _PLAIN):
         return obj
     raise HpcganError(f"checkpoint state '{key}': {type(obj).__name__} cannot be saved in a weights_only "
                       "checkpoint (use tensors, numbers, strings, lists, dicts)")
+
+
+class _HashingFile:
+    """A write-only file that hashes what goes through it: the checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 # ---------------------------------------------------------------- index
@@ -160,10 +184,12 @@ class CheckpointWriter:
         self.entries = read_index(self.directory)  # a resumed run continues the same index
         self._thread = None
         self._error = None
+        self._buffers = None  # the last host copy, written and free: the next copy goes into it
 
     def submit(self, state: dict, step: int, metrics: dict | None = None):
         self.flush()
-        host = to_host(state)
+        host = to_host(state, into=self._buffers)
+        self._buffers = None
         host.update({"format": FORMAT, "format_version": FORMAT_VERSION})
         if metrics is not None and "metrics" not in host:
             host["metrics"] = dict(metrics)
@@ -186,6 +212,7 @@ class CheckpointWriter:
     def _write_guarded(self, host, step, metrics):
         try:
             self._write(host, step, metrics)
+            self._buffers = host
         except BaseException as exc:  # re-raised by the next submit/flush, in the training thread
             path = self.directory / checkpoint_name(step)
             reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else exc
@@ -195,9 +222,11 @@ class CheckpointWriter:
     def _write(self, host, step, metrics):
         name = checkpoint_name(step)
         path = self.directory / name
-        with atomic_path(path) as tmp:
-            torch.save(host, tmp)
-        entry = {"file": name, "step": step, "sha256": sha256_file(path), "metrics": metrics}
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            out = _HashingFile(f)
+            torch.save(host, out)
+            f.flush()
+        entry = {"file": name, "step": step, "sha256": out.sha256.hexdigest(), "metrics": metrics}
         # Entries past `step` belong to a future this run abandoned (resumed from an older one).
         entries = [e for e in self.entries if e["step"] < step] + [entry]
         entries.sort(key=lambda e: e["step"])

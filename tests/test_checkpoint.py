@@ -159,8 +159,7 @@ def test_write_error_surfaces_at_flush_and_leaves_nothing_half_written(tmp_path,
     writer = CheckpointWriter(d)
 
     def failing_save(obj, f):  # a disk that fills up half-way through the file
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04partial")
+        f.write(b"PK\x03\x04partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
@@ -194,3 +193,10 @@ def test_submit_does_not_wait_for_the_write(tmp_path):
     total = time.perf_counter() - t0
     assert still_writing, f"submit returned after {stall:.2f}s with the write done ({total:.2f}s in all)"
     assert torch.equal(load_checkpoint(tmp_path / "ckpt-00000001.pt")["G"]["w0"], expected)
+    # the next checkpoint reuses the host buffers of the written one: right values in both files
+    writer.submit(big, 2)
+    big["G"]["w0"].fill_(7.0)
+    writer.close()
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt-00000001.pt")["G"]["w0"], expected)
+    second = load_checkpoint(tmp_path / "ckpt-00000002.pt")["G"]
+    assert not second["w0"].any() and torch.equal(second["w1"], big["G"]["w1"])
