@@ -1,0 +1,72 @@
+"""Evaluation metrics for generated image sets, each beside its real-versus-real baseline.
+
+`METRICS` maps a name to a `Metric` (its module's `compute`, which direction is better and a
+line saying what it measures); `evaluate` runs several on one process or split across the
+ranks of an mpi4py communicator (every rank returns the same dict). Images are (N, C, H, W)
+float32 in [-1, 1], background -1. No metric downloads anything."""
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcgan.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Metric:
+    module: str
+    higher_is_better: bool
+    description: str
+
+    def compute(self, fake, train, val, **kwargs) -> dict:
+        return importlib.import_module(self.module).compute(fake, train, val, **kwargs)
+
+
+METRICS = {
+    "swd": Metric("hpcgan.metrics.swd", False, "sliced Wasserstein distance of Laplacian-pyramid patches, x1e3"),
+    "msssim": Metric("hpcgan.metrics.msssim", False, "mean MS-SSIM of random pairs (diversity; high = collapse)"),
+    "intensity": Metric("hpcgan.metrics.intensity", False, "W1 distance of foreground intensity histograms"),
+    "memorization": Metric("hpcgan.metrics.memorization", False,
+                           "fraction of images nearer a training image than 99% of validation images"),
+    "fid": Metric("hpcgan.metrics.fid", False, "Frechet distance of Inception features (offline weights only)"),
+}
+DEFAULT_METRICS = ("swd", "msssim", "intensity", "memorization")
+
+
+def parse_metrics(text: str) -> tuple:
+    """'swd,fid' → ('swd', 'fid'); UsageError naming an unknown metric."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise UsageError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} "
+                         f"(known: {', '.join(METRICS)})")
+    return names
+
+
+def check_shapes(fake, train, val):
+    """Every set is (N, C, H, W) with the same C, H, W."""
+    for name, images in (("generated", fake), ("train", train), ("val", val)):
+        if images is not None and np.ndim(images) != 4:
+            raise UsageError(f"{name} images: expected (N, C, H, W), got shape {np.shape(images)}")
+    for name, images in (("generated", fake), ("val", val)):
+        if images is not None and len(images) and tuple(images.shape[1:]) != tuple(train.shape[1:]):
+            raise UsageError(f"{name} images are {tuple(images.shape[1:])} but the training images are "
+                             f"{tuple(train.shape[1:])} (C, H, W)")
+
+
+def evaluate(fake, train, val, metrics=DEFAULT_METRICS, comm=None, seed=0, worst_dir=None,
+             fid_weights=None) -> dict:
+    """metric name → {"value": float | None, "baseline": float | None, ...details}. The baseline is
+    real versus real: validation against training images (msssim: the training images' own pairs).
+    With `comm` every rank must call this with the same arguments and gets the same result."""
+    fake, train = np.asarray(fake, np.float32), np.asarray(train, np.float32)
+    val = None if val is None else np.asarray(val, np.float32)
+    check_shapes(fake, train, val)
+    results = {}
+    for name in metrics:
+        if name not in METRICS:
+            raise UsageError(f"metrics: unknown metric {name!r} (known: {', '.join(METRICS)})")
+        results[name] = METRICS[name].compute(fake, train, val, comm=comm, seed=seed, worst_dir=worst_dir,
+                                              fid_weights=fid_weights)
+        results[name]["higher_is_better"] = METRICS[name].higher_is_better
+    return results
