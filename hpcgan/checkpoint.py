@@ -191,9 +191,8 @@ class CheckpointWriter:
         host = to_host(state, into=self._buffers)
         self._buffers = None
         host.update({"format": FORMAT, "format_version": FORMAT_VERSION})
-        if metrics is not None and "metrics" not in host:
-            host["metrics"] = dict(metrics)
-        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, np.number))}
+        host.setdefault("metrics", metrics)
         self._thread = threading.Thread(target=self._write_guarded, args=(host, int(step), metrics),
                                         name=f"checkpoint-{step}", daemon=False)
         self._thread.start()

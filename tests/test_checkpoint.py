@@ -70,7 +70,7 @@ def test_to_host_copies_deeply_and_refuses_what_weights_only_cannot_load():
 def test_written_checkpoint_is_atomic_indexed_and_weights_only_loadable(tmp_path):
     writer = CheckpointWriter(tmp_path / "checkpoints")
     state = small_state(step=7)
-    writer.submit(state, 7, metrics={"fid": 1.5})
+    writer.submit(state, 7, metrics={"fid": np.float32(1.5)})
     writer.close()
     d = tmp_path / "checkpoints"
     assert sorted(p.name for p in d.iterdir()) == ["checkpoints.json", "ckpt-00000007.pt", "latest"]
@@ -80,6 +80,7 @@ def test_written_checkpoint_is_atomic_indexed_and_weights_only_loadable(tmp_path
     assert (d / "latest").read_text().strip() == "ckpt-00000007.pt"
     raw = torch.load(d / "ckpt-00000007.pt", map_location="cpu", weights_only=True)
     assert raw["format"] == FORMAT and raw["format_version"] == 1 and raw["step"] == 7
+    assert raw["metrics"] == {"fid": 1.5}
     assert torch.equal(raw["G"]["weight"], state["G"]["weight"])
     assert raw["opt_G"]["state"][0]["exp_avg"].shape == (3, 4)
     # the three accepted forms of a path give the same checkpoint
