@@ -15,6 +15,7 @@ COMMANDS = {
     "preprocess": ("hpcgan.preprocess.command", "NIfTI volumes -> sharded HDF5 dataset (MPI-parallel, resumable)"),
     "info": ("hpcgan.info", "summarise a preprocessed dataset; --verify checks shard checksums"),
     "sample": ("hpcgan.sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
+    "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
 }
 
 

@@ -70,3 +70,33 @@ def evaluate(fake, train, val, metrics=DEFAULT_METRICS, comm=None, seed=0, worst
                                               fid_weights=fid_weights)
         results[name]["higher_is_better"] = METRICS[name].higher_is_better
     return results
+
+
+def verdict(name: str, result: dict) -> str:
+    """One word or phrase for a table: the metric's own verdict if it gives one, else how the value
+    compares with the real-versus-real baseline."""
+    if result.get("verdict"):
+        return result["verdict"]
+    value, baseline = result.get("value"), result.get("baseline")
+    if value is None:
+        return "unavailable"
+    if baseline is None or baseline <= 0:
+        return "no baseline"
+    ratio = value / baseline
+    if METRICS[name].higher_is_better:
+        ratio = 1 / ratio if ratio > 0 else float("inf")
+    return "like real data" if ratio <= 1.5 else f"{ratio:.1f}x worse than real"
+
+
+def format_table(results: dict) -> str:
+    """metric | value | real-vs-real baseline | verdict, one row per metric, plus notes."""
+    def number(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    rows = [("metric", "value", "real-vs-real baseline", "verdict")]
+    rows += [(name, number(r.get("value")), number(r.get("baseline")), verdict(name, r)) for name, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{name}: {r['note']}" for name, r in results.items() if r.get("note")]
+    return "\n".join(lines)
