@@ -94,7 +94,7 @@ def test_help_lists_every_option():
 
 
 def test_anisotropic_reoriented_and_any_dtype_give_the_same_anatomy(sample_data, tmp_path):
-    """2x2x3 mm voxels, an LPS-ordered file, int16 with a scale slope, float64: after RAS,
+    """2x2x3 mm voxels, an LPS-ordered file, int16 with a scale slope, float64 .nii: after RAS,
     square-FOV padding and resize, the slices match the 1 mm uint8 original."""
     t1, affine = load(sample_data / "mni152" / "mni152_t1.nii.gz")
     inp = tmp_path / "in"
@@ -108,7 +108,7 @@ def test_anisotropic_reoriented_and_any_dtype_give_the_same_anatomy(sample_data,
     scaled = nib.Nifti1Image((t1.astype(np.int16) * 4), affine)
     scaled.header.set_slope_inter(0.25, 0.0)
     nib.save(scaled, inp / "int16" / "int16_t1.nii.gz")
-    save_like(inp / "f64" / "f64_t1.nii.gz", t1, affine, np.float64)
+    save_like(inp / "f64" / "f64_t1.nii", t1, affine, np.float64)  # uncompressed: memory-mapped
     out = tmp_path / "ds"
     result = preprocess(inp, out, "--size", "64", "--min-brain-fraction", "0", "--val-fraction", "0", "--shards", "5")
     assert result.returncode == 0, result.stderr

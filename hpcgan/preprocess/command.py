@@ -359,7 +359,7 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
             raise BadInput(sid, f"{os.path.basename(files[cfg.mask])}: mask labels outside 0..{limit}")
         if labels.dtype.kind == "f":
             labels = np.rint(labels)
-        masks = T.pad_and_resize_labels(labels, padding, cfg.size).astype(mask_dtype)
+        masks = T.pad_and_resize_labels(labels, padding, cfg.size).astype(mask_dtype, copy=False)
     return indices, encoded, masks, {m: [float(lo), float(hi)] for m, (lo, hi) in ranges.items()}, digests
 
 

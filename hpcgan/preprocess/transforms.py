@@ -103,9 +103,9 @@ def pad_and_resize(images: np.ndarray, padding, size: int) -> np.ndarray:
     n, height, width = images.shape
     row_weights = resize_weights(height + top + bottom, size)[:, top:top + height]
     col_weights = resize_weights(width + left + right, size)[:, left:left + width]
-    foreground = images > -1.0
-    r0, r1 = _span(foreground.any(axis=(0, 2)))
-    c0, c1 = _span(foreground.any(axis=(0, 1)))
+    foreground = images.max(axis=0) > -1.0  # (H, W): one pass over the images
+    r0, r1 = _span(foreground.any(axis=1))
+    c0, c1 = _span(foreground.any(axis=0))
     out = np.full((n, size, size), -1.0, dtype=np.float32)
     if r1 > r0 and c1 > c0:
         rows, cols = row_weights[:, r0:r1], col_weights[:, c0:c1]
@@ -113,8 +113,8 @@ def pad_and_resize(images: np.ndarray, padding, size: int) -> np.ndarray:
         p0, p1 = _span(cols.any(axis=1))
         shifted = images[:, r0:r1, c0:c1] + np.float32(1.0)
         block = np.matmul(np.matmul(rows[o0:o1], shifted), cols[p0:p1].T)
-        out[:, o0:o1, p0:p1] = block - np.float32(1.0)
-        np.clip(out, -1.0, 1.0, out=out)
+        block -= np.float32(1.0)
+        np.clip(block, -1.0, 1.0, out=out[:, o0:o1, p0:p1])
     return out
 
 
