@@ -16,6 +16,8 @@ COMMANDS = {
     "info": ("hpcgan.info", "summarise a preprocessed dataset; --verify checks shard checksums"),
     "sample": ("hpcgan.sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
     "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
+    "sweep": ("hpcgan.sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
+    "sweep-summary": ("hpcgan.sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
 }
 
 
