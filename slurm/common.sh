@@ -41,6 +41,14 @@ hpcgan_bind() {  # hpcgan_bind DIR...: create DIR and make it visible inside the
   done
 }
 
+hpcgan_config() {  # sets CONFIG: $HPCGAN_CONFIG, a shipped name or a YAML file (made absolute, bound)
+  CONFIG=${HPCGAN_CONFIG:-wgan-gp-64}
+  if [ -f "$CONFIG" ]; then
+    CONFIG=$(hpcgan_abs "$CONFIG")
+    hpcgan_bind "$(dirname "$CONFIG")"
+  fi
+}
+
 hpcgan_command() {  # sets HPCGAN_CMD: the hpcgan executable, or hpcgan inside the container
   if [ -n "${HPCGAN_CONTAINER:-}" ]; then
     [ -f "$HPCGAN_CONTAINER" ] || hpcgan_die "HPCGAN_CONTAINER=$HPCGAN_CONTAINER: no such image"
@@ -84,7 +92,8 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
   # and forward it to the ranks; srun and mpirun both pass SIGUSR1 on to every task.
   "${launcher[@]}" "${HPCGAN_CMD[@]}" "$@" &
   local pid=$! rc=0
-  trap 'echo "hpcgan slurm: got SIGUSR1, forwarding it to the ranks (they checkpoint and exit 75)"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
+  trap 'HPCGAN_SIGNALLED=1; echo "hpcgan slurm: got SIGUSR1, forwarding it to the ranks (they checkpoint and exit 75)"
+        kill -USR1 '"$pid"' 2>/dev/null || true' USR1
   while :; do
     rc=0
     wait "$pid" || rc=$?
@@ -100,10 +109,14 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
   return "$rc"
 }
 
-hpcgan_finish() {  # hpcgan_finish RC: exit RC, but requeue this job when hpcgan checkpointed on a signal
+hpcgan_finish() {  # hpcgan_finish RC: exit RC, but requeue this job when hpcgan stopped for a preemption
   local rc=$1
-  if [ "$rc" -eq "$HPCGAN_EXIT_REQUEUE" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    echo "hpcgan slurm: checkpoint written; requeueing job $SLURM_JOB_ID (it resumes with --resume auto)"
+  # 75: every rank checkpointed and stopped. After a forwarded SIGUSR1 any failure counts too: the
+  # first rank to exit 75 makes srun (--kill-on-bad-exit) terminate the others, so the step may
+  # report 143, and the time limit is near anyway; --resume auto takes the newest valid checkpoint.
+  if [ -n "${SLURM_JOB_ID:-}" ] && { [ "$rc" -eq "$HPCGAN_EXIT_REQUEUE" ] ||
+       { [ "$rc" -ne 0 ] && [ "${HPCGAN_SIGNALLED:-0}" = 1 ]; }; }; then
+    echo "hpcgan slurm: stopped for preemption (exit $rc); requeueing job $SLURM_JOB_ID (it resumes with --resume auto)"
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
     fi

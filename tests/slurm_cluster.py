@@ -208,6 +208,17 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         raise TimeoutError(f"job {job_id} not in {sorted(until)} after {timeout}s: "
                            f"{[(j.get('JobId'), j.get('JobState'), j.get('Reason')) for j in jobs]}")
 
+    def release_requeued(self, job_id, timeout=60):
+        """Start a requeued job now instead of after Slurm's ~2 minute hold (an operator's
+        `scontrol update StartTime=now`), once the slurmstepd processes of its last run are gone:
+        the new run reuses the same step ids."""
+        deadline = time.monotonic() + timeout
+        while _run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."], self.env, check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the steps of job {job_id} still run {timeout}s after it was requeued")
+            time.sleep(0.5)
+        _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], self.env)
+
     def signal_batch(self, job_id, signal="USR1"):
         _run(["scancel", f"--signal={signal}", "--batch", str(job_id)], self.env)
 

@@ -5,13 +5,17 @@ once for this module and always shut down. Jobs are polled with scontrol, each w
 a stuck job fails its test instead of hanging CI. The dataset preprocessed by the pipeline test is
 shared by the later tests; trainings use configs/wgan-gp-64.yaml with a few steps, 1 CPU per rank.
 """
+import csv
 import json
-import os
 import re
 import shutil
+import time
 from pathlib import Path
 
+import h5py
 import pytest
+
+from hpcgan.checkpoint import find_latest_valid, load_checkpoint
 
 from conftest import REPO, mpi_env, run_cmd
 from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm_installed
@@ -39,8 +43,10 @@ def cluster():
 
 
 def job_env(work: Path, **hpcgan_vars) -> dict:
-    """What a user's login shell would hold: Open MPI's root permission (tests run as root) and HPCGAN_*."""
-    env = mpi_env({"HPCGAN_ROOT": str(REPO), "HPCGAN_LOGS": str(work / "logs")})
+    """What a user's login shell would hold: Open MPI's root permission (tests run as root) and HPCGAN_*.
+    No HPCGAN_ROOT: the scripts find the checkout from the submitted script's path."""
+    env = mpi_env({"HPCGAN_LOGS": str(work / "logs")})
+    env.pop("HPCGAN_ROOT", None)
     env.update({k: str(v) for k, v in hpcgan_vars.items()})
     return env
 
@@ -94,14 +100,42 @@ def test_failing_step_fails_its_job_and_cancels_the_dependants(cluster, tmp_path
     assert not run.exists(), "a dependant job ran"
 
 
-def test_preprocess_job_writes_shards_on_two_ranks(cluster, sample_data, tmp_path):
+def shards_of(dataset: Path) -> list:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return [(s["name"], s["slices"], s["sha256"]) for s in manifest["shards"]]
+
+
+# --- the pipeline end to end; its dataset is shared by the tests after it ---------------------------
+
+TRAIN_ARGS = "--set train.steps=20 --set train.batch_size=4 --set checkpoint.every_steps=10"
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster, sample_data, tmp_path_factory):
+    """slurm/pipeline.sh with its default paths: the MRI is linked in as data/raw, outputs go to
+    data/dataset and runs/train under the submit dir. Submitted once; tests wait for what they need."""
+    work = tmp_path_factory.mktemp("pipeline")
+    (work / "data").mkdir()
+    (work / "data" / "raw").symlink_to(sample_data)
+    jobs = submit_pipeline(cluster, work, HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS, HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
+                           HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8 --seed 3")
+    return work, jobs
+
+
+@pytest.fixture(scope="module")
+def dataset(cluster, pipeline) -> Path:
+    """The pipeline's preprocessed dataset, shared by the tests after it."""
+    work, jobs = pipeline
+    wait_ok(cluster, jobs["preprocess"], work, 180)
+    return work / "data" / "dataset"
+
+
+def test_preprocess_job_writes_shards_on_two_ranks(cluster, pipeline, dataset, sample_data, tmp_path):
     """preprocess.sbatch: srun --mpi=pmix, 2 ranks, per-rank logs; the shards are the 1-process ones."""
-    dataset = tmp_path / "dataset"
-    job = sbatch(cluster, tmp_path, "preprocess.sbatch", *PREPROCESS_ARGS.split(), HPCGAN_INPUT=sample_data,
-                 HPCGAN_DATA=dataset)
-    [pre] = wait_ok(cluster, job, tmp_path, 180)
+    work, jobs = pipeline
+    [pre] = cluster.jobs(jobs["preprocess"])
     assert pre["NumTasks"] == "2"
-    rank_logs = sorted((tmp_path / "logs").glob(f"hpcgan-preprocess-{job}.step0.rank*.log"))
+    rank_logs = sorted((work / "logs").glob(f"hpcgan-preprocess-{jobs['preprocess']}.step0.rank*.log"))
     assert [p.name.split(".")[-2] for p in rank_logs] == ["rank0", "rank1"]
     verify = run_cmd([HPCGAN, "info", "--verify", str(dataset)], env=mpi_env(), timeout=120)
     assert verify.returncode == 0, verify.stderr
@@ -111,6 +145,28 @@ def test_preprocess_job_writes_shards_on_two_ranks(cluster, sample_data, tmp_pat
     assert shards_of(dataset) == shards_of(single)
 
 
-def shards_of(dataset: Path) -> list:
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    return [(s["name"], s["slices"], s["sha256"]) for s in manifest["shards"]]
+def test_usr1_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path):
+    """scancel --signal=USR1 --batch (what Slurm does 120 s before the time limit): the script forwards
+    it, every rank checkpoints and exits 75, the job requeues itself and the same job resumes."""
+    run = tmp_path / "run"
+    steps = 16
+    job = sbatch(cluster, tmp_path, "train.sbatch", "--set", f"train.steps={steps}", "--set", "train.batch_size=4",
+                 "--set", "checkpoint.every_steps=4", HPCGAN_DATA=dataset, HPCGAN_RUN=run)
+    deadline = time.monotonic() + 120
+    while not any((run / "checkpoints").glob("ckpt-*.pt")):  # training is under way
+        [info] = cluster.jobs(job)
+        assert info["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, (info, logs_of(tmp_path))
+        time.sleep(0.5)
+    cluster.signal_batch(job, "USR1")
+    [info] = cluster.wait(job, 90, until={"PENDING", "COMPLETED", "FAILED"})
+    assert (info["JobState"], info["Restarts"]) == ("PENDING", "1"), (info["ExitCode"], logs_of(tmp_path))
+    cluster.release_requeued(job)  # instead of Slurm's ~2 minute hold
+    [info] = wait_ok(cluster, job, tmp_path, 180)
+    assert info["Restarts"] == "1"
+    batch_log = (tmp_path / "logs" / f"hpcgan-train-{job}.out").read_text()
+    assert "got SIGUSR1" in batch_log and "requeueing job" in batch_log, batch_log
+    rank0 = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob(f"hpcgan-train-{job}.step0.rank0.log")))
+    resumed = re.findall(r"resuming from ckpt-\d+\.pt \(step (\d+)\)", rank0)
+    assert len(resumed) == 1 and 4 <= int(resumed[0]) < steps, rank0
+    state = load_checkpoint(find_latest_valid(run / "checkpoints"))
+    assert state["step"] == steps
