@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
     "sweep": ("hpcgan.sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
     "sweep-summary": ("hpcgan.sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
+    "report": ("hpcgan.report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
 }
 
 
