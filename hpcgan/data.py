@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from hpcgan.errors import UsageError
-from hpcgan.preprocess.transforms import decode
 
 MANIFEST = "manifest.json"
 FORMAT = "hpcgan-dataset"
@@ -36,6 +35,16 @@ def load_manifest(dataset_dir) -> dict:
     if manifest.get("format_version") != 1:
         raise UsageError(f"{path}: format_version {manifest.get('format_version')} is not supported (need 1)")
     return manifest
+
+
+def decode(stored: np.ndarray) -> torch.Tensor:
+    """Stored shard pixels → float32 tensor in [-1, 1], the inverse of
+    `hpcgan.preprocess.transforms.encode`. In torch: its float16 → float32 conversion is
+    vectorised, numpy's is a scalar loop (several times slower than reading the bytes)."""
+    tensor = torch.from_numpy(stored)
+    if tensor.dtype == torch.uint8:
+        return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+    return tensor.to(torch.float32)
 
 
 def _split_shards(manifest: dict, dataset_dir, split: str):
@@ -62,7 +71,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.num_classes = 2 if labels == "mask" else 1
         self.shard_names, counts = _split_shards(self.manifest, dataset_dir, split)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._files, self._pid = {}, None  # opened lazily, per process
+        self._files, self._datasets, self._pid = {}, {}, None  # opened lazily, per process
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -81,34 +90,39 @@ class SliceDataset(torch.utils.data.Dataset):
         import h5py
 
         if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
         if name not in self._files:
             self._files[name] = h5py.File(os.path.join(self.dataset_dir, name), "r")
         return self._files[name]
+
+    def _dataset(self, name, key):
+        """An open HDF5 dataset, kept: looking one up by name costs more than reading a slice."""
+        if self._pid != os.getpid() or (name, key) not in self._datasets:
+            self._datasets[(name, key)] = self._file(name)[key]
+        return self._datasets[(name, key)]
 
     def flips(self, index: int) -> bool:
         return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
 
     def __getitem__(self, index):
         name, row = self.locate(int(index))
-        f = self._file(name)
-        image = decode(f["images"][row])
+        image = decode(self._dataset(name, "images")[row])
         label = 0
         if self.labels == "mask":
-            label = int(f["masks"][row].any())
+            label = int(self._dataset(name, "masks")[row].any())
         if self.flip and self.flips(int(index)):
-            image = image[:, :, ::-1].copy()
-        return torch.from_numpy(image), torch.tensor(label, dtype=torch.int64)
+            image = image.flip(-1)
+        return image, torch.tensor(label, dtype=torch.int64)
 
     def __getstate__(self):  # never pickle open HDF5 handles into DataLoader workers
         state = dict(self.__dict__)
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_datasets"], state["_pid"] = {}, {}, None
         return state
 
     def close(self):
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files, self._datasets = {}, {}
 
 
 class RankSampler(torch.utils.data.Sampler):
@@ -178,7 +192,7 @@ def read_slices(dataset_dir, split, max_items=None, seed=0) -> np.ndarray:
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
             rows = indices[where] - dataset.offsets[shard]
-            out[where] = decode(dataset._file(dataset.shard_names[shard])["images"][rows])
+            out[where] = decode(dataset._dataset(dataset.shard_names[shard], "images")[rows]).numpy()
     finally:
         dataset.close()
     return out

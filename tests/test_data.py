@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpcgan.data import RankSampler, SliceDataset, load_manifest, make_loader, read_slices
+from hpcgan.data import RankSampler, SliceDataset, decode, load_manifest, make_loader, read_slices
 from hpcgan.errors import UsageError
+from hpcgan.preprocess import transforms as T
 
 
 def epoch_parts(num_items, world_size, batch_size, epoch=0, seed=0, start_batch=0):
@@ -56,6 +57,13 @@ def test_start_batch_resumes_exactly_inside_an_epoch():
 def test_dataset_smaller_than_a_global_batch_is_a_usage_error():
     with pytest.raises(UsageError, match="fewer than one global batch"):
         RankSampler(15, 0, 2, 8)
+
+
+def test_torch_decode_equals_the_numpy_definition():
+    stored = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    assert decode(stored).numpy().tobytes() == T.decode(stored).tobytes()
+    halves = np.linspace(-1, 1, 999).astype(np.float16)
+    assert decode(halves).numpy().tobytes() == T.decode(halves).tobytes()
 
 
 def test_dataset_returns_the_bytes_h5py_reads(sample_dataset):

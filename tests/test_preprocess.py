@@ -192,6 +192,12 @@ def test_config_file_with_flags_overriding(sample_data, tmp_path):
     config.write_text("input: x\noutput: y\nsise: 64\n")
     result = run_hpcgan("preprocess", "--config", config)
     assert result.returncode == 2 and "unknown key 'sise'" in result.stderr
+    for flags, words in ((("--size", "100"), "'size' must be a power of two"),
+                         (("--dtype", "int8"), "'dtype' must be one of float16, uint8"),
+                         (("--channels", "2"), "'channels' must be 1")):
+        result = preprocess(sample_data, tmp_path / "bad", *flags)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- resume and overwrite

@@ -138,7 +138,9 @@ def add_arguments(parser):
     parser.add_argument("--ct-level", type=float, default=S, help=f"CT window level in HU (default: {d.ct_level})")
     parser.add_argument("--ct-width", type=float, default=S, help=f"CT window width in HU (default: {d.ct_width})")
     parser.add_argument("--volume-index", type=int, default=S, help="which volume of 4-D images to use (default: refuse 4-D)")
-    parser.add_argument("--shards", type=int, default=S, help=f"number of training shards (default: {d.shards})")
+    parser.add_argument("--shards", type=int, default=S,
+                        help=f"training shards (default: {d.shards}); validation gets shards x val-fraction, at least 1; "
+                             "never more shards than subjects")
     parser.add_argument("--val-fraction", type=float, default=S,
                         help=f"fraction of subjects held out for validation (default: {d.val_fraction})")
     parser.add_argument("--seed", type=int, default=S, help=f"seed of the train/val split (default: {d.seed})")
@@ -511,7 +513,8 @@ def run(args):
     mine = [s for j, s in enumerate(plan["shards"]) if j % world == rank]
     records, written, kept, error = [], [], [], None
     start, slices_done = time.perf_counter(), [0]
-    with tqdm(total=sum(len(s["subjects"]) for s in mine), unit="vol", desc="preprocess",
+    desc = "preprocess" if world == 1 else f"preprocess (rank 0's share of {world})"
+    with tqdm(total=sum(len(s["subjects"]) for s in mine), unit="subject", desc=desc,
               disable=rank != 0, dynamic_ncols=True) as bar:
         def progress(n_slices):
             slices_done[0] += n_slices
