@@ -26,22 +26,15 @@ def add_arguments(parser):
 
 
 def last_from_metrics_jsonl(path, metric):
-    """(value, step) of the metric's last evaluation line, or None. Unreadable lines (a run killed
-    mid-write) are skipped."""
+    """(value, step) of the metric's last evaluation line in metrics.jsonl, or None."""
+    from hpcgan.report import read_metrics
+
     found = None
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                result = entry.get("eval", {}).get(metric) if isinstance(entry, dict) else None
-                value = result.get("value") if isinstance(result, dict) else result
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    found = (float(value), entry.get("step"))
-    except FileNotFoundError:
-        return None
+    for entry in read_metrics(path)[1]:
+        result = entry["eval"].get(metric)
+        value = result.get("value") if isinstance(result, dict) else result
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found = (float(value), entry["step"])
     return found
 
 
