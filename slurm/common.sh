@@ -82,9 +82,10 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
     mpirun)
       # mpirun takes its slots from the allocation; Open MPI writes DIR/1/rank.N/{stdout,stderr}.
       # shellcheck disable=SC2206
-      launcher=(mpirun -np "$ntasks" ${HPCGAN_MPIRUN_ARGS:---bind-to none}
-                --output-filename "$HPCGAN_LOGS/$tag.mpirun")
-      echo "per-rank logs: $HPCGAN_LOGS/$tag.mpirun/1/rank.*/" ;;
+      # One directory per command and run of the job (a requeued job runs again).
+      local dir="$HPCGAN_LOGS/$tag.$1.run${SLURM_RESTART_COUNT:-0}"
+      launcher=(mpirun -np "$ntasks" ${HPCGAN_MPIRUN_ARGS:---bind-to none} --output-filename "$dir")
+      echo "per-rank logs: $dir/1/rank.*/" ;;
     *) hpcgan_die "HPCGAN_LAUNCHER=${HPCGAN_LAUNCHER}: use srun or mpirun" ;;
   esac
   echo "+ ${launcher[*]} ${HPCGAN_CMD[*]} $*"
@@ -104,7 +105,7 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
   trap - USR1
   if [ "$rc" -ne 0 ] && [ "$rc" -ne "$HPCGAN_EXIT_REQUEUE" ]; then
     echo "hpcgan slurm: hpcgan $1 exited with code $rc; the end of each rank's log:" >&2
-    tail -n 3 "$HPCGAN_LOGS/$tag".step*.rank*.log "$HPCGAN_LOGS/$tag".mpirun/1/rank.*/std* >&2 2>/dev/null || true
+    tail -n 3 "$HPCGAN_LOGS/$tag".step*.rank*.log "$HPCGAN_LOGS/$tag.$1".run*/1/rank.*/std* >&2 2>/dev/null || true
   fi
   return "$rc"
 }

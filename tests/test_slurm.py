@@ -93,6 +93,8 @@ def test_failing_step_fails_its_job_and_cancels_the_dependants(cluster, tmp_path
     assert (pre["JobState"], pre["ExitCode"]) == ("FAILED", "2:0"), logs_of(tmp_path)
     rank_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("hpcgan-preprocess-*.rank*.log"))
     assert "hpcgan preprocess: error: --input" in rank_logs, logs_of(tmp_path)
+    batch_log = (tmp_path / "logs" / f"hpcgan-preprocess-{jobs['preprocess']}.out").read_text()
+    assert "exited with code 2" in batch_log and "hpcgan preprocess: error: --input" in batch_log, batch_log
     for step in ("train", "sample", "evaluate"):
         [job] = cluster.wait(jobs[step], 60)
         assert job["JobState"] == "CANCELLED" and job["Reason"] == "DependencyNeverSatisfied", job
@@ -145,6 +147,28 @@ def test_preprocess_job_writes_shards_on_two_ranks(cluster, pipeline, dataset, s
     assert shards_of(dataset) == shards_of(single)
 
 
+def test_pipeline_runs_to_the_end(cluster, pipeline, dataset):
+    work, jobs = pipeline
+    for step in ("train", "sample", "evaluate"):
+        wait_ok(cluster, jobs[step], work, 240)
+    assert list(jobs) == ["preprocess", "train", "sample", "evaluate"]
+    [train] = cluster.jobs(jobs["train"])
+    assert train["Dependency"] in ("(null)", "") and train["NumTasks"] == "2"  # afterok, satisfied
+    assert len(list(dataset.glob("*.h5"))) == 2
+    run = work / "runs" / "train"
+    state = load_checkpoint(find_latest_valid(run / "checkpoints"))
+    assert (state["step"], state["world_size"]) == (20, 2)
+    index = json.loads((run / "samples" / "index.json").read_text())
+    assert index["step"] == 20
+    stack = next((run / "samples").glob("stack-*.h5"))
+    with h5py.File(stack) as f:
+        assert f["images"].shape == (8, 1, 64, 64)
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["metrics"]["swd"]["value"] >= 0
+    rank_logs = sorted((work / "logs").glob(f"hpcgan-train-{jobs['train']}.step0.rank*.log"))
+    assert len(rank_logs) == 2
+
+
 def test_usr1_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path):
     """scancel --signal=USR1 --batch (what Slurm does 120 s before the time limit): the script forwards
     it, every rank checkpoints and exits 75, the job requeues itself and the same job resumes."""
@@ -170,3 +194,32 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path):
     assert len(resumed) == 1 and 4 <= int(resumed[0]) < steps, rank0
     state = load_checkpoint(find_latest_valid(run / "checkpoints"))
     assert state["step"] == steps
+
+
+def test_sweep_array_trains_each_grid_point_and_summarises(cluster, dataset, tmp_path):
+    """pipeline.sh --sweep: a 2-element job array (launched with mpirun inside the allocation, the
+    alternative launcher) gives two runs with their evaluations, then a summary job a CSV of both."""
+    grid = "optim.lr=1e-4,2e-4"
+    sweep_dir = tmp_path / "sweep"
+    jobs = submit_pipeline(cluster, tmp_path, "--no-preprocess", "--sweep", grid, HPCGAN_DATA=dataset,
+                           HPCGAN_SWEEP_DIR=sweep_dir, HPCGAN_TRAIN_ARGS=TRAIN_ARGS, HPCGAN_LAUNCHER="mpirun",
+                           HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8")
+    assert list(jobs) == ["sweep", "summary"]
+    elements = wait_ok(cluster, jobs["sweep"], tmp_path, 300)
+    assert sorted(j["ArrayTaskId"] for j in elements) == ["0", "1"]
+    for element in elements:  # Open MPI's per-rank output of the 2-rank training
+        assert (tmp_path / "logs" / f"hpcgan-sweep-{element['JobId']}.train.run0" / "1" / "rank.1").is_dir()
+    wait_ok(cluster, jobs["summary"], tmp_path, 120)
+    names = [run_cmd([HPCGAN, "sweep", "--grid", grid, "--index", str(i), "--name"], env=mpi_env(), check=True)
+             .stdout.strip() for i in range(2)]
+    lrs = []
+    for name in names:
+        state = load_checkpoint(find_latest_valid(sweep_dir / name / "checkpoints"))
+        assert state["step"] == 20
+        lrs.append(state["config"]["optim"]["lr"])
+        assert (sweep_dir / name / "evaluation.json").exists()
+    assert sorted(lrs) == [1e-4, 2e-4]
+    with open(sweep_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted(names) and [r["rank"] for r in rows] == ["1", "2"]
+    assert all(float(r["swd"]) >= 0 for r in rows), rows  # from each run's evaluation.json
