@@ -11,22 +11,22 @@
 # Prints one line per job: "submitted STEP: job ID". Variables (paths, options for each step,
 # partition/account/GPUs): slurm/README.md.
 set -euo pipefail
-HPCGAN_ROOT=${HPCGAN_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-export HPCGAN_ROOT
-# shellcheck source=slurm/common.sh
-source "$HPCGAN_ROOT/slurm/common.sh"
-
 usage() { echo "usage: slurm/pipeline.sh [--no-preprocess] [--sweep GRID]" >&2; exit 2; }
 preprocess=1 grid=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-preprocess) preprocess=0 ;;
     --sweep) [ $# -ge 2 ] || usage; grid=$2; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) usage ;;
   esac
   shift
 done
+
+HPCGAN_ROOT=${HPCGAN_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export HPCGAN_ROOT
+# shellcheck source=slurm/common.sh
+source "$HPCGAN_ROOT/slurm/common.sh"
 
 # Absolute paths, exported so that every job sees the same ones whatever its working directory.
 export HPCGAN_INPUT=$(hpcgan_abs "${HPCGAN_INPUT:-data/raw}")

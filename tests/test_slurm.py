@@ -7,6 +7,7 @@ shared by the later tests; trainings use configs/wgan-gp-64.yaml with a few step
 """
 import csv
 import json
+import os
 import re
 import shutil
 import time
@@ -78,6 +79,43 @@ def wait_ok(cluster, job_id, work: Path, timeout):
     bad = [(j["JobId"], j["JobState"], j["ExitCode"]) for j in jobs if j["JobState"] != "COMPLETED"]
     assert not bad, f"jobs not COMPLETED: {bad}\n{logs_of(work)}"
     return jobs
+
+
+STAND_IN_APPTAINER = """#!/bin/bash
+# Stand-in for `apptainer` (not packaged for Debian 12): records its arguments, checks the image exists,
+# then runs the command from the venv instead of inside the image.
+echo "$*" >> "$(dirname "$0")/calls.log"
+[ "$1" = exec ] || exit 99
+shift
+while [[ "$1" == --* ]]; do [ "$1" = --bind ] && shift; shift; done
+[ -f "$1" ] || exit 98
+shift
+exec "$HPCGAN_TEST_VENV/bin/$@"
+"""
+
+
+def test_container_mode_runs_each_step_through_apptainer_with_its_dirs_bound(cluster, sample_data, tmp_path):
+    """HPCGAN_CONTAINER=IMAGE: the step runs `apptainer exec --nv --bind DIRS IMAGE hpcgan ...` on every
+    rank, and every path hpcgan is given lies in a bound directory (the hybrid model's srun launches it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(STAND_IN_APPTAINER)
+    (bin_dir / "apptainer").chmod(0o755)
+    image = tmp_path / "hpcgan.sif"
+    image.write_bytes(b"")
+    dataset = tmp_path / "dataset"
+    job = sbatch(cluster, tmp_path, "preprocess.sbatch", *PREPROCESS_ARGS.split(), HPCGAN_INPUT=sample_data,
+                 HPCGAN_DATA=dataset, HPCGAN_CONTAINER=image, HPCGAN_TEST_VENV=REPO / ".venv",
+                 PATH=f"{bin_dir}:{os.environ['PATH']}")
+    wait_ok(cluster, job, tmp_path, 180)
+    assert (dataset / "manifest.json").exists()
+    calls = (bin_dir / "calls.log").read_text().splitlines()
+    assert len(calls) == 2, calls  # one container per rank
+    words = calls[0].split()
+    assert words[:3] == ["exec", "--nv", "--bind"] and words[4:7] == [str(image), "hpcgan", "preprocess"], words
+    binds = words[3].split(",")
+    paths = [w for w in words[7:] if w.startswith("/")]
+    assert paths and all(any(p == b or p.startswith(b + "/") for b in binds) for p in paths), (paths, binds)
 
 
 def test_failing_step_fails_its_job_and_cancels_the_dependants(cluster, tmp_path):
