@@ -64,6 +64,9 @@ def read_samples(samples_dir, limit=None):
             stacks.append(read_stack_h5(path))
         except (OSError, KeyError) as exc:
             raise UsageError(f"{path}: not a readable image stack ({exc})") from None
+    shapes = {tuple(s.shape[1:]) for s in stacks}
+    if len(shapes) > 1 or stacks[0].ndim != 4:
+        raise UsageError(f"{samples_dir}: stacks of different or non-(N, C, H, W) shapes ({sorted(shapes)})")
     images = np.concatenate(stacks)[:limit]
     attrs = read_stack_attrs(paths[0])
     provenance = {"source": "samples", "stacks": len(paths),

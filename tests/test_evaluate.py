@@ -71,7 +71,9 @@ def test_two_ranks_give_the_single_process_result(single, sample_dataset, sample
 
 
 @pytest.mark.slow
-def test_checkpoint_mode_scores_the_generated_images(sample_dataset, tmp_path):
+@pytest.mark.mpi
+@requires_mpirun
+def test_checkpoint_mode_scores_the_generated_images_on_1_and_2_ranks(sample_dataset, tmp_path):
     import torch
 
     from hpcgan.checkpoint import CheckpointWriter
@@ -91,6 +93,11 @@ def test_checkpoint_mode_scores_the_generated_images(sample_dataset, tmp_path):
                "--metrics", "swd,intensity", "--seed", 3, "--out", out, check=True, timeout=240)
     report = json.loads(out.read_text())
     assert report["generated"]["source"] == "checkpoint" and report["generated"]["count"] == 20
+    # Under mpirun rank 0 generates and broadcasts: the same images, the same numbers.
+    out2 = tmp_path / "evaluation-2.json"
+    run_hpcgan_mpi(2, "evaluate", "--data", sample_dataset, "--checkpoint", tmp_path / "run", "--num-images", 20,
+                   "--metrics", "swd,intensity", "--seed", 3, "--out", out2, check=True, timeout=240)
+    assert json.loads(out2.read_text())["metrics"] == report["metrics"]
     expected = evaluate(generate_images(ckpt, 20, seed=3), read_slices(sample_dataset, "train", 1000, 3),
                         read_slices(sample_dataset, "val", 1000, 3), metrics=("swd", "intensity"), seed=3)
     assert report["metrics"]["swd"]["value"] == pytest.approx(expected["swd"]["value"], rel=1e-6)
@@ -104,6 +111,7 @@ def test_checkpoint_mode_scores_the_generated_images(sample_dataset, tmp_path):
     ("wrong-size", "generated images are (1, 32, 32) but the training images are (1, 64, 64)"),
     ("no-weights-file", "--fid-weights"),
     ("not-a-dataset", "not a dataset"),
+    ("mixed-stacks", "stacks of different or non-(N, C, H, W) shapes"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_file(case, message, sample_dataset, samples, tmp_path):
     data, source, extra = sample_dataset, samples, []
@@ -120,6 +128,9 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, message, sample_dataset,
         extra = ["--metrics", "fid", "--fid-weights", tmp_path / "inception.pt"]
     elif case == "not-a-dataset":
         data = tmp_path
+    elif case == "mixed-stacks":
+        source = write_samples(tmp_path / "mixed", np.zeros((4, 1, 64, 64), np.float32))
+        write_stack_h5(source / "stack-00001.h5", np.zeros((4, 1, 32, 32), np.float32), {})
     out = tmp_path / "evaluation.json"
     result = run_hpcgan("evaluate", "--data", data, "--samples", source, "--out", out, *extra, timeout=120)
     assert result.returncode == 2, result.stderr
