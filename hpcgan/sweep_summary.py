@@ -76,8 +76,9 @@ def summarise(run_dirs, metric) -> tuple:
                  or from_evaluation_json(os.path.join(run_dir, "evaluation.json"), metric))
         runs.append({"run": os.path.basename(os.path.normpath(run_dir)), "result": found,
                      "config": read_config(run_dir)})
-    keys = sorted({k for r in runs for k in r["config"]})
-    swept = [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1]
+    configs = [r["config"] for r in runs if r["config"]]  # a run without config.yaml does not make every key "swept"
+    keys = sorted({k for c in configs for k in c})
+    swept = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     sign = -1.0 if METRICS[metric].higher_is_better else 1.0
     done = sorted((r for r in runs if r["result"]), key=lambda r: sign * r["result"][0])  # stable: ties keep order
     header = ["rank", "run", metric, "step", *swept]
