@@ -14,7 +14,7 @@ Run: .venv/bin/python benchmarks/preprocess.py [--quick] [--subjects N] [--size 
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,18 +34,44 @@ def mpi_env() -> dict:
 
 
 def timed(cmd) -> tuple:
-    """(wall seconds, peak RSS in bytes of the largest process it started), in a fresh wrapper
-    so getrusage(RUSAGE_CHILDREN) sees only this command's processes."""
+    """(wall seconds, peak RSS in bytes of the largest process it started, the largest
+    per-rank process CPU seconds that `hpcgan preprocess --debug` logs, or 0), in a fresh
+    wrapper so getrusage(RUSAGE_CHILDREN) sees only this command's processes."""
     wrapper = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
                "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
                "w = time.perf_counter() - t; "
                "print(json.dumps([r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
-               "r.stderr[-2000:]]))")
+               "r.stderr]))")
     out = subprocess.run([PYTHON, "-c", wrapper, *map(str, cmd)], capture_output=True, text=True, env=mpi_env())
     code, wall, rss, err = json.loads(out.stdout)
     if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(map(str, cmd))}\n{err}")
-    return wall, rss
+        sys.exit(f"failed ({code}): {' '.join(map(str, cmd))}\n{err[-3000:]}")
+    cpu = [float(m) for m in re.findall(r"process CPU ([0-9.]+) s", err)]
+    return wall, rss, max(cpu, default=0.0)
+
+
+GEMM_LOOP = ("import numpy as np\n"
+             "a = np.random.rand(300, 300).astype(np.float32)\n"
+             "for _ in range(1500): a @ a\n")
+
+
+def parallel_ceiling() -> float:
+    """Speed-up of 2 concurrent single-threaded numpy processes over 1 on this machine: the
+    most any 2-rank run can reach here (cores shared with other jobs or SMT siblings give < 2)."""
+    def wall(n):
+        start = time.perf_counter()
+        procs = [subprocess.Popen([PYTHON, "-c", GEMM_LOOP], env=mpi_env()) for _ in range(n)]
+        for p in procs:
+            p.wait()
+        return time.perf_counter() - start
+    one = min(wall(1) for _ in range(2))
+    two = min(wall(2) for _ in range(2))
+    return 2 * one / two
+
+
+def count_slices(dataset: Path) -> int:
+    splits = json.loads((dataset / "manifest.json").read_text())["splits"]
+    return sum(split["slices"] for split in splits.values())
 
 
 def make_cohort(sample: Path, root: Path, subjects: int) -> list:
@@ -67,8 +93,11 @@ def reading_rates(dataset: Path, items: int) -> tuple:
     import h5py
     import numpy as np
 
+    import torch
+
     from hpcgan.data import SliceDataset
 
+    torch.set_num_threads(1)  # as in a DataLoader worker
     ds = SliceDataset(dataset, "train")
     order = np.random.default_rng(0).permutation(len(ds))[:items]
     rows = [ds.locate(int(i)) for i in order]
@@ -97,10 +126,11 @@ def best_time(fn, repeats: int = 3) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 subjects at 64x64")
-    parser.add_argument("--subjects", type=int, default=None, help="cohort size (default 16, --quick 4)")
+    parser.add_argument("--subjects", type=int, default=None, help="cohort size (default 48, --quick 4)")
     parser.add_argument("--size", type=int, default=None, help="output size (default 256, --quick 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is shown")
     args = parser.parse_args()
-    subjects = args.subjects or (4 if args.quick else 16)
+    subjects = args.subjects or (4 if args.quick else 48)
     size = args.size or (64 if args.quick else 256)
 
     with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
@@ -117,33 +147,48 @@ def main():
 
         largest = max(int(np.prod(nib.load(p).shape)) * 8 for p in volumes)  # get_fdata is float64
 
-        # Warm the page cache so both sides read from memory.
-        timed([PYTHON, "-c", load_script, *volumes])
-        t_load, _ = min(timed([PYTHON, "-c", load_script, *volumes]) for _ in range(2))
-        runs1, runs2 = [], []
-        for i in range(2):
-            runs1.append(timed([PYTHON, "-m", "hpcgan", "preprocess", *common, "--output", tmp / f"one{i}"]))
-            runs2.append(timed(["mpirun", "-np", 2, "--oversubscribe", "--bind-to", "none", PYTHON, "-m", "hpcgan",
-                                "preprocess", *common, "--output", tmp / f"two{i}"]))
-        (t1, rss1), (t2, rss2) = min(runs1), min(runs2)
-        manifest = json.loads((tmp / "one0" / "manifest.json").read_text())
-        slices = manifest["splits"]["train"]["slices"] + manifest["splits"]["val"]["slices"]
-        ds_rate, h5_rate = reading_rates(tmp / "one0", min(2000, manifest["splits"]["train"]["slices"]))
+        commands = {
+            "load": [PYTHON, "-c", load_script, *volumes],
+            "one": [PYTHON, "-m", "hpcgan", "preprocess", "--debug", *common],
+            "ref": [PYTHON, "-m", "hpcgan", "preprocess", *common, "--slices", "60:108"],
+            "two": ["mpirun", "-np", 2, "--oversubscribe", "--bind-to", "none", PYTHON, "-m", "hpcgan", "preprocess",
+                    "--debug", *common],
+        }
+        timed(commands["load"])  # warm the page cache so every run reads from memory
+        runs = {name: [] for name in commands}
+        for i in range(args.repeats):  # interleaved, best of N: the machine may be shared
+            for name, cmd in commands.items():
+                runs[name].append(timed(cmd + ([] if name == "load" else ["--output", tmp / f"{name}{i}"])))
+        (t_load, _, _), (t1, rss1, cpu1), (t_ref, _, _), (t2, rss2, cpu2) = (
+            min(runs[name]) for name in ("load", "one", "ref", "two"))
+        slices, ref_slices = (count_slices(tmp / name) for name in ("one0", "ref0"))
+        assert count_slices(tmp / "two0") == slices
+        train = json.loads((tmp / "one0" / "manifest.json").read_text())["splits"]["train"]["slices"]
+        ds_rate, h5_rate = reading_rates(tmp / "one0", min(2000, train))
+        ceiling = parallel_ceiling()
 
     rows = [
-        ("cohort", f"{subjects} subjects x (t1 + seg) = {len(volumes)} volumes -> {slices} slices at {size}x{size}", ""),
+        ("cohort", f"{subjects} subjects x (t1 + seg) = {len(volumes)} volumes -> {slices} slices, {size}x{size}", ""),
         ("nibabel get_fdata of all volumes", f"{t_load:.2f} s", ""),
         ("hpcgan preprocess, 1 rank", f"{t1:.2f} s, {slices / t1:.0f} slices/s", ""),
         ("  wall / get_fdata wall", f"{t1 / t_load:.2f}", "goal <= 1.5"),
+        ("same with --slices 60:108, 1 rank", f"{t_ref:.2f} s, {ref_slices / t_ref:.0f} slices/s", ""),
+        ("  wall / get_fdata wall", f"{t_ref / t_load:.2f}", "goal <= 1.5"),
         ("hpcgan preprocess, 2 ranks", f"{t2:.2f} s, {slices / t2:.0f} slices/s", ""),
         ("  speed-up 2 ranks / 1 rank", f"{t1 / t2:.2f}", "goal >= 1.7"),
+        ("  busiest rank's CPU s (1 rank | 2 ranks)", f"{cpu1:.2f} | {cpu2:.2f}", ""),
+        ("  1-rank CPU s / busiest rank CPU s", f"{cpu1 / cpu2:.2f}" if cpu2 else "n/a", "goal >= 1.7"),
+        ("  this machine's ceiling: 2 numpy GEMM loops", f"{ceiling:.2f}", "upper bound of any 2-rank speed-up"),
         ("peak RSS per rank (1 rank | 2 ranks)", f"{rss1 / 2**20:.0f} MiB | {rss2 / 2**20:.0f} MiB", ""),
         ("largest decoded volume (float64)", f"{largest / 2**20:.0f} MiB", ""),
         ("  peak RSS / largest volume", f"{max(rss1, rss2) / largest:.2f}", "goal <= 3"),
-        ("SliceDataset reads", f"{ds_rate:.0f} images/s", ""),
+        ("SliceDataset reads (random rows, 1 thread)", f"{ds_rate:.0f} images/s", ""),
         ("plain h5py reads, same rows", f"{h5_rate:.0f} images/s", ""),
         ("  SliceDataset / h5py", f"{ds_rate / h5_rate:.2f}", ""),
     ]
+    load = os.getloadavg()[0]
+    rows.append(("machine", f"{os.cpu_count()} cores, load average {load:.1f} at the end; best of {args.repeats} "
+                            "interleaved runs", ""))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     print(f"{'measure':{width}s}  {'value':{vwidth}s}  goal")

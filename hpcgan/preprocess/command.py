@@ -273,7 +273,7 @@ def make_plan(cfg: PreprocessConfig) -> dict:
         "fov_mm": float(fov_mm),
         "slice_thickness_mm": float(np.median([spacing[2] for _, spacing in grids.values()])),
         "mask_dtype": "uint8" if byte_labels else "uint16",  # from the headers: the same for every shard
-        "subjects": {sid: {"files": s.files, "name": s.name, "split": splits[sid]} for sid, s in good.items()},
+        "subjects": {sid: {"files": s.files, "split": splits[sid]} for sid, s in good.items()},
         "shards": shards,
         "skipped": skipped,
     }
@@ -286,7 +286,7 @@ def dataset_files(out: str) -> list:
     names = []
     for name in os.listdir(out):
         stem = name[1:].split(".h5.")[0] + ".h5" if name.startswith(".") and ".h5." in name else name
-        if SHARD_PATTERN.match(stem) or name in ("manifest.json", PARTS_DIR):
+        if SHARD_PATTERN.match(stem) or name in ("manifest.json", PARTS_DIR) or name.startswith(".manifest.json."):
             names.append(name)
     return names
 
@@ -488,6 +488,7 @@ def run(args):
     from tqdm import tqdm
 
     from hpcgan.dist import launch_env, mpi_comm
+    from hpcgan.dist.waiting import idle_barrier
 
     cfg = load_preprocess_config(args)
     log = get_logger("preprocess")
@@ -500,7 +501,9 @@ def run(args):
             plan = make_plan(cfg)
         except HpcganError as exc:
             error = ("usage" if isinstance(exc, UsageError) else "runtime", str(exc))
-    plan, error = comm.bcast((plan, error), root=0) if comm is not None else (plan, error)
+    if comm is not None:
+        idle_barrier(comm)  # the other ranks sleep while rank 0 plans
+        plan, error = comm.bcast((plan, error), root=0)
     if error:
         _raise_everywhere(rank, error)
     train = [s for s in plan["shards"] if s["split"] == "train"]
@@ -537,6 +540,11 @@ def run(args):
 
     if kept:
         log.info("kept %d shard(s) finished by an earlier run (checksums match): %s", len(kept), ", ".join(kept))
+    # Per-rank load (benchmarks/preprocess.py reads this line): CPU seconds since the process started.
+    log.debug("rank %d: wrote %d shard(s), %d slices in %.2f s; process CPU %.2f s", rank, len(written),
+              slices_done[0], time.perf_counter() - start, time.process_time())
+    if comm is not None:
+        idle_barrier(comm)  # a rank that finished its shards sleeps until the others have too
     errors = comm.allgather(error) if comm is not None else [error]
     failed = next((e for e in errors if e), None)
     if failed:
