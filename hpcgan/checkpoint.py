@@ -227,7 +227,7 @@ class CheckpointWriter:
             f.flush()
         entry = {"file": name, "step": step, "sha256": out.sha256.hexdigest(), "metrics": metrics}
         # Entries past `step` belong to a future this run abandoned (resumed from an older one).
-        entries = [e for e in self.entries if e["step"] < step] + [entry]
+        entries = [e for e in self.entries if e.get("step", -1) < step] + [entry]
         entries.sort(key=lambda e: e["step"])
         best = best_entry(entries, self.best_metric, self.best_mode)
         kept = [e for i, e in enumerate(entries) if i >= len(entries) - self.keep_last or e is best]
@@ -237,6 +237,8 @@ class CheckpointWriter:
         write_bytes_atomic(self.directory / "latest", f"{name}\n".encode())
         if best is not None:
             write_bytes_atomic(self.directory / "best", f"{best['file']}\n".encode())
+        else:
+            (self.directory / "best").unlink(missing_ok=True)  # never point at a deleted file
         for old in self.entries + entries:
             if old not in kept and old["file"] != name:
                 (self.directory / old["file"]).unlink(missing_ok=True)

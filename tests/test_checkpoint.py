@@ -201,3 +201,19 @@ def test_submit_does_not_wait_for_the_write(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path / "ckpt-00000001.pt")["G"]["w0"], expected)
     second = load_checkpoint(tmp_path / "ckpt-00000002.pt")["G"]
     assert not second["w0"].any() and torch.equal(second["w1"], big["G"]["w1"])
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
+    d = tmp_path / "checkpoints"
+    writer = CheckpointWriter(d, keep_last=5, best_metric="fid")
+    for step, fid in ((10, 3.0), (20, 1.0), (30, 2.0)):
+        writer.submit(small_state(step), step, metrics={"fid": fid})
+    writer.close()
+    # the run resumes from step 10 (say 20 and 30 were refused) and checkpoints at step 15
+    writer = CheckpointWriter(d, keep_last=5, best_metric="fid")
+    writer.submit(small_state(15), 15, metrics={"fid": 5.0})
+    writer.close()
+    assert sorted(p.name for p in d.glob("ckpt-*.pt")) == ["ckpt-00000010.pt", "ckpt-00000015.pt"]
+    assert (d / "latest").read_text().strip() == "ckpt-00000015.pt"
+    assert (d / "best").read_text().strip() == "ckpt-00000010.pt"
+    assert find_latest_valid(d) == d / "ckpt-00000015.pt"
