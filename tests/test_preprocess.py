@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi
 
-from hpcgan.preprocess.command import split_subjects
+from hpcgan.preprocess.command import assign_shards, shards_of_rank, split_subjects
 
 SMALL = ("--size", "64", "--slices", "80:84", "--min-brain-fraction", "0")
 
@@ -180,6 +180,23 @@ def test_split_is_by_subject_and_reproducible(sample_data, tmp_path):
     assert len(train) == 1 and len(val) == 1 and not train & val
     manifest = json.loads((out / "manifest.json").read_text())
     assert {s for s, v in manifest["subjects"].items() if v["split"] == "val"} == val
+
+
+def test_shards_are_balanced_over_ranks_and_their_content_does_not_depend_on_ranks():
+    ids = [f"s{i:02d}" for i in range(43)]
+    shards = assign_shards(ids, 8, "train") + assign_shards([f"v{i}" for i in range(5)], 1, "val")
+    assert [len(s["subjects"]) for s in shards] == [6, 6, 6, 5, 5, 5, 5, 5, 5]
+    assert sorted(x for s in shards[:8] for x in s["subjects"]) == ids
+    for world in (1, 2, 3, 4):
+        parts = [shards_of_rank(shards, r, world) for r in range(world)]
+        names = [s["name"] for part in parts for s in part]
+        assert sorted(names) == sorted(s["name"] for s in shards)  # every shard exactly once
+        loads = [sum(len(s["subjects"]) for s in part) for part in parts]
+        assert max(loads) - min(loads) <= 6, (world, loads)
+    # Largest first beats round-robin (27 + 21 subjects here); finer shards balance better still.
+    assert max(sum(len(s["subjects"]) for s in shards_of_rank(shards, r, 2)) for r in (0, 1)) == 26
+    fine = assign_shards(ids, 16, "train")
+    assert max(sum(len(s["subjects"]) for s in shards_of_rank(fine, r, 2)) for r in (0, 1)) == 22
 
 
 def test_config_file_with_flags_overriding(sample_data, tmp_path):

@@ -228,6 +228,19 @@ def assign_shards(split_ids: list, n_shards: int, split: str) -> list:
     return [{"name": shard_name(split, j, count), "split": split, "subjects": split_ids[j::count]} for j in range(count)]
 
 
+def shards_of_rank(shards: list, rank: int, world_size: int) -> list:
+    """The shards rank `rank` writes: largest first, each to the least-loaded rank (counted in
+    subjects), so ranks finish together. Only who writes a shard depends on the number of
+    ranks, never what is in it."""
+    loads, mine = [0] * world_size, []
+    for j in sorted(range(len(shards)), key=lambda j: (-len(shards[j]["subjects"]), j)):
+        least = loads.index(min(loads))
+        loads[least] += len(shards[j]["subjects"])
+        if least == rank:
+            mine.append(shards[j])
+    return mine
+
+
 def make_plan(cfg: PreprocessConfig) -> dict:
     log = get_logger("preprocess")
     out = check_writable_dir(cfg.output)
@@ -512,8 +525,7 @@ def run(args):
              sum(len(s["subjects"]) for s in plan["shards"]) - sum(len(s["subjects"]) for s in train),
              len(plan["shards"]), world, plan["fov_mm"], plan["fov_mm"] / cfg.size)
 
-    # Shards → ranks round-robin; each rank writes whole shards.
-    mine = [s for j, s in enumerate(plan["shards"]) if j % world == rank]
+    mine = shards_of_rank(plan["shards"], rank, world)  # each rank writes whole shards
     records, written, kept, error = [], [], [], None
     start, slices_done = time.perf_counter(), [0]
     desc = "preprocess" if world == 1 else f"preprocess (rank 0's share of {world})"
