@@ -360,7 +360,8 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
         block = indices[start:start + BLOCK_SLICES]
         channels = [T.pad_and_resize(T.normalise(T.axial_view(T.axial_slab(data, block)), *ranges[m], not ct),
                                      padding, cfg.size) for m, data in volumes]
-        images = T.replicate_channels(np.stack(channels, axis=1), cfg.num_channels)
+        images = channels[0][:, None] if len(channels) == 1 else np.stack(channels, axis=1)
+        images = T.replicate_channels(images, cfg.num_channels)
         encoded[start:start + len(block)] = T.encode(images, cfg.dtype)
     del volumes
 

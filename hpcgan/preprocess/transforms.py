@@ -1,10 +1,12 @@
 """Small pure array functions that turn one NIfTI volume into square 2-D training slices.
 
-Order of use (see `hpcgan.preprocess.command.process_subject`): reorient to RAS → select axial
-slices → normalise to [-1, 1] → orient slices for display → pad to a square field of view in mm
-→ anti-aliased resize → replicate channels → encode for storage. No torch here: a preprocessing
-rank stays small in memory (numpy, nibabel, h5py only).
+Order of use (see `hpcgan.preprocess.command.process_subject`): reorient to RAS → take axial
+slices as a view oriented for display → normalise to [-1, 1] → pad to a square field of view in
+mm and resize with anti-aliasing (one step) → replicate channels → encode for storage. No torch
+here: a preprocessing rank stays small in memory (numpy, nibabel, h5py only).
 """
+import functools
+
 import numpy as np
 
 # ---------------------------------------------------------------- geometry
@@ -71,6 +73,7 @@ def square_fov_padding(height: int, width: int, spacing_hw, fov_mm: float):
     return tuple(pads)
 
 
+@functools.lru_cache(maxsize=64)
 def resize_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix of a linear (triangle) filter that is widened by the scale factor
     when shrinking, so downsampling averages instead of aliasing (as PIL and torch's
@@ -82,7 +85,9 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
     src = np.arange(n_in)
     weights = np.clip(1.0 - np.abs(src[None, :] - centres[:, None]) / support, 0.0, None)
     weights /= weights.sum(axis=1, keepdims=True)
-    return weights.astype(np.float32)
+    weights = weights.astype(np.float32)
+    weights.flags.writeable = False  # cached and shared: every volume of a cohort has the same sizes
+    return weights
 
 
 def _span(mask: np.ndarray):
