@@ -13,12 +13,13 @@ COMMANDS = {
     "doctor": ("hpcgan.doctor", "check Python, torch, MPI, mpi4py, h5py, nibabel, Horovod and Slurm"),
     "sample-data": ("hpcgan.sample_data", "write real brain MRI volumes that ship inside installed packages"),
     "preprocess": ("hpcgan.preprocess.command", "NIfTI volumes -> sharded HDF5 dataset (MPI-parallel, resumable)"),
+    "train": ("hpcgan.train", "train a GAN on a preprocessed dataset (one process, or many under mpirun/srun)"),
     "info": ("hpcgan.info", "summarise a preprocessed dataset; --verify checks shard checksums"),
     "sample": ("hpcgan.sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
     "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
+    "report": ("hpcgan.report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
     "sweep": ("hpcgan.sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
     "sweep-summary": ("hpcgan.sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
-    "report": ("hpcgan.report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
 }
 
 

@@ -8,6 +8,7 @@ one folder per subject, `<subject>_<modality>.nii.gz`. Nothing is downloaded.
             t1 (brain only, ch2bet), t1head (with skull, ch2), seg (AAL atlas labels, same space)
 
 Every volume is written with a fresh NIfTI header (no free text from the source)."""
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,11 @@ def write_sample_data(out) -> list[Volume]:
         image = nib.Nifti1Image(np.asarray(data), affine)  # fresh header: no source free text
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
-        with atomic_path(path) as tmp:
-            nib.save(image, tmp)
+        # Same bytes on every run (gzip without a timestamp), so a dataset built from them stays valid.
+        payload = gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+        if not (path.exists() and path.read_bytes() == payload):
+            with atomic_path(path) as tmp:
+                Path(tmp).write_bytes(payload)
         written.append((volume, path, data.shape, data.dtype))
     return written
 

@@ -6,6 +6,7 @@ Objects travel as `torch.save` bytes and are read back with `weights_only=True`,
 received from another rank is unpickled as code."""
 import contextlib
 import io
+import time
 
 import torch
 
@@ -39,6 +40,7 @@ class Backend:
     """Single process. Subclasses override the tensor collectives; everything else is shared."""
 
     name = "none"
+    sync_seconds = 0.0  # accumulated by step(): the exposed cost of gradient averaging
 
     def __init__(self, device: str = "auto", fp16_allreduce: bool = False):
         env = launch_env()
@@ -82,12 +84,13 @@ class Backend:
     def step(self, optimizer, scaler=None):
         """One optimizer step with averaged gradients; with an AMP scaler in the order
         synchronize → unscale → step without a second synchronize → update."""
+        t0 = time.perf_counter()
+        self.synchronize(optimizer)
+        self.sync_seconds += time.perf_counter() - t0  # time the step waits for the gradient allreduce
         if scaler is None:
-            self.synchronize(optimizer)
             with self.skip_synchronize(optimizer):
                 optimizer.step()
             return
-        self.synchronize(optimizer)
         scaler.unscale_(optimizer)
         with self.skip_synchronize(optimizer):
             scaler.step(optimizer)

@@ -1,0 +1,154 @@
+"""Training throughput, measured in one run so that the ratios are fair on a noisy machine.
+
+For the 256x256x3 study model (configs/cepa2023.yaml) and the 64x64 model (configs/wgan-gp-64.yaml):
+  - per-rank images/s of `hpcgan train` on 1 rank, and the ratio of its step time to a bare PyTorch
+    loop of the same networks, batch and loss on in-memory data (goal <= 1.10);
+  - the fraction of wall time spent waiting for data from the HDF5 shards (goal < 5%);
+  - weak scaling: 2 ranks x 1 thread against 1 rank x 1 thread at a fixed per-rank batch, Horovod and
+    torch backends side by side (efficiency = per-rank images/s on 2 ranks / on 1 rank; goal >= 0.85),
+    and the fraction of wall time a step waits for the gradient allreduce.
+Every process runs with one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free cores.
+
+  .venv/bin/python benchmarks/train.py            # both models (several minutes on 2 cores)
+  .venv/bin/python benchmarks/train.py --quick    # the 64x64 model only, few steps
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MODELS = {  # name: (config, preprocess flags, per-rank batch)
+    "cepa2023 256x256x3": ("cepa2023", ["--size", "256", "--channels", "3"], 8),
+    "wgan-gp-64 64x64x1": ("wgan-gp-64", ["--size", "64", "--channels", "1"], 8),
+}
+
+
+def env1():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    return env
+
+
+def sh(cmd, timeout=1800):
+    result = subprocess.run([str(c) for c in cmd], env=env1(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def make_dataset(root: Path, flags) -> Path:
+    mri = root / "mri"
+    if not mri.exists():
+        sh([PY, "-m", "hpcgan", "sample-data", mri])
+    out = root / ("data-" + "-".join(flags).replace("--", ""))
+    if not out.exists():
+        sh([PY, "-m", "hpcgan", "preprocess", "--input", mri, "--output", out, "--modalities", "t1",
+            "--slices", "60:108", "--val-fraction", "0", *flags])
+    return out
+
+
+def hpcgan_train(dataset, run_dir, config, batch, steps, ranks=1, backend="none"):
+    """Seconds per step (median over the steps after warm-up) and the mean wait fractions."""
+    cmd = [PY, "-m", "hpcgan", "train", "--config", config, "--data", dataset, "--out", run_dir,
+           "--backend", backend, "--set", f"train.steps={steps}", "--set", f"train.batch_size={batch}",
+           "--set", "log.every_steps=1", "--set", "log.sample_every_steps=0", "--set", "log.tensorboard=false",
+           "--set", "checkpoint.every_steps=0", "--set", "train.ema_decay=0.999"]
+    if ranks > 1:
+        cmd = ["mpirun", "-np", ranks, "--oversubscribe", "--bind-to", "none", *cmd]
+    sh(cmd)
+    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steady = lines[2:]  # the first steps pay for allocation and Horovod's first negotiation
+    step_s = statistics.median(batch * ranks / l["images_per_s"] for l in steady)
+    return step_s, statistics.mean(l["data_wait"] for l in steady), statistics.mean(l["allreduce_wait"] for l in steady)
+
+
+def bare_loop(config, batch, steps):
+    """The same networks, batch and loss with nothing around them: in-memory data, plain Adam."""
+    import torch
+
+    from hpcgan.config import load_config
+    from hpcgan.losses import d_loss, g_loss
+    from hpcgan.networks import build_discriminator, build_generator
+    from hpcgan.train_config import Config
+
+    torch.set_num_threads(1)
+    cfg = load_config(Config, config)
+    torch.manual_seed(0)
+    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    o = cfg.optim
+    opt_G = torch.optim.Adam(G.parameters(), o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
+    opt_D = torch.optim.Adam(D.parameters(), o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
+    m = cfg.model
+    real = torch.rand(8 * batch, m.channels, m.resolution, m.resolution) * 2 - 1
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        x = real[(step % 8) * batch:(step % 8 + 1) * batch]
+        z = torch.randn(batch, m.latent_dim)
+        with torch.no_grad():
+            fake = G(z, None)
+        loss, _ = d_loss(cfg.loss, D, x, fake)
+        opt_D.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_D.step()
+        D.requires_grad_(False)
+        loss, _ = g_loss(cfg.loss, D, G(torch.randn(batch, m.latent_dim), None))
+        opt_G.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_G.step()
+        D.requires_grad_(True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64x64 model only, few steps")
+    parser.add_argument("--steps", type=int, default=0, help="steps per measurement (default 8, quick 12)")
+    parser.add_argument("--bare", nargs=3, metavar=("CONFIG", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare:  # child process: one thread, nothing else running in it
+        print(json.dumps({"step_s": bare_loop(args.bare[0], int(args.bare[1]), int(args.bare[2]))}))
+        return
+    models = {k: v for k, v in MODELS.items() if not args.quick or "64" in k}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
+        tmp = Path(tmp)
+        for name, (config, flags, batch) in models.items():
+            steps = args.steps or (12 if args.quick or "64" in name else 8)
+            data = make_dataset(tmp, flags)
+            bare = json.loads(sh([PY, __file__, "--bare", config, batch, steps]).strip().splitlines()[-1])["step_s"]
+            one, data_wait, _ = hpcgan_train(data, tmp / f"{config}-1", config, batch, steps)
+            row = {"model": name, "batch/rank": batch, "img/s/rank 1r": batch / one, "hpcgan/bare": one / bare,
+                   "data wait": data_wait}
+            for backend in ("horovod", "torch"):
+                two, _, allreduce = hpcgan_train(data, tmp / f"{config}-2-{backend}", config, batch, steps, 2, backend)
+                row[f"eff {backend}"] = one / two
+                row[f"allreduce {backend}"] = allreduce
+            rows.append(row)
+            print_table(rows)
+
+
+def print_table(rows):
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols]
+    print()
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+    print("goals: hpcgan/bare <= 1.10, data wait < 0.05, eff >= 0.85 (allreduce = fraction of wall time waiting "
+          "for gradients)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Train a GAN on a preprocessed dataset, on one process or many (one per GPU).
+
+  hpcgan train --config wgan-gp-64 --data DATASET --out RUN_DIR
+  mpirun -np 4 hpcgan train --config cepa2023 --data DATASET --out RUN_DIR --set train.steps=20000
+  srun --mpi=pmix hpcgan train ... --resume auto
+
+The config (a shipped name from configs/ or a YAML path, plus --set section.key=value) and the
+dataset are checked on every rank before any collective starts: a bad key, value or dataset is
+one line and exit 2. A preemption signal (SIGTERM, SIGUSR1) on any rank makes every rank
+checkpoint at the next step and exit 75; run the same command with --resume auto to continue."""
+from pathlib import Path
+
+from hpcgan.errors import UsageError
+from hpcgan.log import get_logger
+
+log = get_logger("train")
+
+
+def add_arguments(parser):
+    from hpcgan.dist import BACKENDS
+
+    parser.add_argument("--config", required=True, metavar="NAME_OR_YAML",
+                        help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128) or a YAML file")
+    parser.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=2000 (repeatable)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: horovod with more than one process, else none (default: auto)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="auto: newest valid checkpoint in RUN_DIR if any (else start fresh); or a checkpoint")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda:<local rank> when GPUs are visible, else the CPU")
+
+
+def load_train_config(config, overrides):
+    """The validated Config, with the cross-section checks a dataclass field cannot do alone."""
+    from hpcgan.config import load_config
+    from hpcgan.losses import check_loss_model
+    from hpcgan.train_config import Config
+
+    cfg = load_config(Config, config, overrides)
+    try:
+        check_loss_model(cfg.loss, cfg.model)
+    except ValueError as exc:
+        raise UsageError(f"{config}: {exc}") from None
+    if cfg.train.amp == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{config}: 'train.amp' fp16 needs CUDA (use bf16 on CPUs)")
+    return cfg
+
+
+def check_dataset(cfg, dataset_dir) -> dict:
+    from hpcgan.data import load_manifest
+
+    manifest = load_manifest(dataset_dir)
+    shape = list(manifest["image_shape"])
+    want = [cfg.model.channels, cfg.model.resolution, cfg.model.resolution]
+    if shape != want:
+        raise UsageError(f"{dataset_dir}: images are {'x'.join(map(str, shape))} (C x H x W) but the model makes "
+                         f"{'x'.join(map(str, want))}: set model.channels/model.resolution or preprocess again")
+    if cfg.train.labels == "mask":
+        if not manifest.get("has_masks"):
+            raise UsageError(f"{dataset_dir}: train.labels=mask needs a dataset preprocessed with --mask")
+        if cfg.model.num_classes != 2:
+            raise UsageError(f"{dataset_dir}: train.labels=mask gives 2 classes; set model.num_classes=2")
+    elif cfg.model.num_classes:
+        raise UsageError(f"model.num_classes={cfg.model.num_classes} needs class labels: set train.labels=mask")
+    return manifest
+
+
+def check_resume(args, run_dir):
+    from hpcgan.checkpoint import resolve_checkpoint
+
+    existing = run_dir / "checkpoints" / "latest"
+    if args.resume is None:
+        if existing.exists():
+            raise UsageError(f"{run_dir}: already holds a run; pass --resume auto to continue it, or a new --out")
+        return None
+    if args.resume == "auto":
+        return "auto"
+    return str(resolve_checkpoint(args.resume))
+
+
+def run(args):
+    from hpcgan.dist import launch_env, make_backend
+    from hpcgan.io import check_writable_dir
+
+    # Everything that can be wrong with the input is found here, on every rank, before MPI starts.
+    env = launch_env()
+    cfg = load_train_config(args.config, args.set)
+    manifest = check_dataset(cfg, args.data)
+    run_dir = Path(args.out)
+    if env.rank == 0:
+        check_writable_dir(run_dir)
+    resume = check_resume(args, run_dir)
+    _check_batches(cfg, manifest, env.world_size, args.data)
+
+    backend = make_backend(args.backend, device=args.device, fp16_allreduce=cfg.train.fp16_allreduce)
+    state = load_resume_state(resume, run_dir, cfg, backend)
+    log.info("%s backend, %d process(es), device %s", backend.name, backend.world_size, backend.device)
+
+    from hpcgan.training_loop import train
+
+    coordinator = None
+    if backend.is_root:
+        from hpcgan.coordinator import Coordinator
+
+        coordinator = Coordinator(run_dir, cfg, args.data, backend.describe())
+    code = train(cfg, args.data, manifest, backend, coordinator, state)
+    backend.shutdown()
+    return code
+
+
+def _check_batches(cfg, manifest, world_size, dataset_dir):
+    slices = manifest["splits"]["train"]["slices"]
+    global_batch = cfg.train.batch_size * world_size
+    if slices < global_batch:
+        raise UsageError(f"{dataset_dir}: {slices} training slices, fewer than one global batch "
+                         f"({world_size} ranks x train.batch_size {cfg.train.batch_size})")
+
+
+def load_resume_state(resume, run_dir, cfg, backend):
+    """Rank 0 reads the checkpoint and every rank receives it. Refuses a checkpoint whose model or
+    loss differs from the config; other sections (steps, intervals, learning rates) may change."""
+    from hpcgan.checkpoint import find_latest_valid, load_checkpoint
+    from hpcgan.config import to_dict
+    from hpcgan.errors import HpcganError
+    from hpcgan.train_config import MODEL_SECTIONS
+
+    if resume is None:
+        return None
+    problem, state = None, None
+    if backend.is_root:
+        path = find_latest_valid(run_dir / "checkpoints") if resume == "auto" else resume
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir)
+        else:
+            state = load_checkpoint(path)
+            current = to_dict(cfg)
+            for section in MODEL_SECTIONS:
+                old, new = state["config"].get(section, {}), current[section]
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                if changed:
+                    problem = (f"{Path(path).name}: the checkpoint was trained with a different {section} "
+                               f"({section}.{changed[0]}: {old.get(changed[0])!r} there, {new.get(changed[0])!r} now); "
+                               "resume with the same model and loss, or start a new run")
+                    break
+            if problem is None:
+                log.info("resuming from %s (step %d)", Path(path).name, state["step"])
+    problem = backend.broadcast_object(problem)
+    if problem:
+        raise UsageError(problem)
+    return backend.broadcast_object(state)
+

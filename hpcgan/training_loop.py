@@ -1,0 +1,363 @@
+"""The training loop, top to bottom. It sees the distributed job only through a backend
+(hpcgan/dist/backend.py) and leaves every rank-0 duty (files, logs, checkpoints, samples,
+evaluation) to the coordinator.
+
+Reproducibility contract (what makes 2 ranks equal 1 process and resume bit-exact):
+- latents come from a generator seeded by (seed, step, G or D); each step draws the latents of the
+  *global* batch and a rank takes its slice, so the sample a rank sees never depends on history;
+- data order comes from RankSampler (seed, epoch); global batch k is the same on any world size;
+- everything else random (dropout, D input noise, DiffAugment, the gradient-penalty mix) uses the
+  per-rank torch RNG, whose state is saved for every rank in each checkpoint."""
+import copy
+import hashlib
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hpcgan import __version__
+from hpcgan.augment import diff_augment
+from hpcgan.checkpoint import capture_rng_state, restore_rng_state
+from hpcgan.config import to_dict
+from hpcgan.data import make_loader
+from hpcgan.errors import HpcganError
+from hpcgan.log import get_logger
+from hpcgan.losses import clip_weights_, d_loss, g_loss
+from hpcgan.networks import build_discriminator, build_generator
+
+log = get_logger("train")
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint written, resume with --resume auto
+
+
+# --- small pieces ------------------------------------------------------------------------------------
+def seed_for(*keys: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of integers (seed, step, stream, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_rank(seed: int, rank: int, step: int = 0):
+    """Per-rank global RNGs (torch, numpy, Python) for the random ops inside the step."""
+    s = seed_for(seed, rank, step, 7)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def latent_slice(seed, step, stream, global_batch, latent_dim, num_classes, rank, batch, device):
+    """This rank's slice of the global batch of latents (and fake class labels) for `step`."""
+    g = torch.Generator().manual_seed(seed_for(seed, step, stream))
+    z = torch.randn(global_batch, latent_dim, generator=g)
+    labels = torch.randint(0, max(num_classes, 1), (global_batch,), generator=g)
+    part = slice(rank * batch, (rank + 1) * batch)
+    return z[part].to(device), (labels[part].to(device) if num_classes else None)
+
+
+def fixed_grid_latents(seed, n, latent_dim, num_classes, device):
+    """The latents of the progress grid: the same at every step and on every resume."""
+    g = torch.Generator().manual_seed(seed_for(seed, 2**31 - 1))
+    z = torch.randn(n, latent_dim, generator=g).to(device)
+    labels = (torch.arange(n) % num_classes).to(device) if num_classes else None
+    return z, labels
+
+
+def replica_digest(*modules) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
+    h = hashlib.sha256()
+    for module in modules:
+        for t in module.parameters():
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def update_ema(G_ema, G, decay):
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.lerp_(p, 1.0 - decay)
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
+
+
+def autocast_for(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGUSR1 set a flag; the loop checks it at the next step boundary (on every rank,
+    through one collective), so all ranks checkpoint and stop together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    sums: dict = field(default_factory=dict)  # metric sums since the last log line
+    count: int = 0
+    data_wait_s: float = 0.0  # since the last log line
+    sync_seconds: float = 0.0  # backend.sync_seconds at the last log line
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: dict):
+        # Summed as tensors: no device-to-host copy (and no GPU sync) until a log line is due.
+        for k, v in stats.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def take(self) -> dict:
+        out = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_state: dict | None = None) -> int:
+    """Run `cfg.train.steps` steps (from a resumed state if given). Returns 0, or EXIT_REQUEUE when a
+    preemption signal stopped the run after a checkpoint. `coordinator` is given on rank 0 only."""
+    rank, world, device = backend.rank, backend.world_size, backend.device
+    tc, lc = cfg.train, cfg.loss
+    batch, global_batch = tc.batch_size, tc.batch_size * world
+
+    # Networks: same init on every rank (seeded), then rank 0's weights broadcast for certainty.
+    torch.manual_seed(tc.seed)
+    G = build_generator(cfg.model).to(device)
+    D = build_discriminator(cfg.model).to(device)
+    if tc.sync_bn and device.type == "cuda":
+        G, D = backend.convert_sync_batchnorm(G), backend.convert_sync_batchnorm(D)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if tc.ema_decay > 0 else None
+    scale = world if cfg.optim.scale_lr else 1
+    lr_g, lr_d = (cfg.optim.lr_g or cfg.optim.lr) * scale, (cfg.optim.lr_d or cfg.optim.lr) * scale
+    betas, wd = (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.weight_decay
+    # Each optimizer is wrapped while all its parameters require grad (Horovod hooks only those).
+    opt_G = backend.distributed_optimizer(torch.optim.Adam(G.parameters(), lr_g, betas, weight_decay=wd), G, "G")
+    opt_D = backend.distributed_optimizer(torch.optim.Adam(D.parameters(), lr_d, betas, weight_decay=wd), D, "D")
+    fp16 = tc.amp == "fp16"
+    scaler_G = torch.amp.GradScaler(device.type) if fp16 else None
+    scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
+
+    loader, sampler = make_loader(dataset_dir, "train", batch, rank, world, tc.seed, flip=tc.flip,
+                                  labels=tc.labels, num_workers=tc.num_workers)
+    num_classes = cfg.model.num_classes
+    p = Progress()
+    if resume_state is not None:
+        _load_state(resume_state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler, tc, world)
+    else:
+        backend.broadcast_module(G)
+        backend.broadcast_module(D)
+        if G_ema is not None:
+            G_ema.load_state_dict(G.state_dict())
+    sampler.set_epoch(p.epoch, p.batch_in_epoch)
+    batches = iter(loader)  # draws from the torch RNG: before the RNG state is set below
+    if resume_state is not None and rank < len(resume_state["rng"]):
+        restore_rng_state(resume_state["rng"][rank])
+    else:
+        seed_rank(tc.seed, rank, p.step)
+
+    augment = (lambda x: diff_augment(x, tc.diffaugment)) if tc.diffaugment else (lambda x: x)
+
+    def D_aug(x, labels=None):
+        return D(augment(x), labels)
+
+    amp = lambda: autocast_for(tc.amp, device)  # noqa: E731
+    flag = PreemptionFlag()
+    if coordinator:
+        coordinator.start(p.step, G_ema or G, fixed_grid_latents(tc.seed, cfg.log.grid_size, cfg.model.latent_dim,
+                                                                  num_classes, device))
+
+    def sync_buffers():
+        """Collective. Batch-norm statistics are per rank while training (they do not enter the
+        gradients); before anything is saved or sampled they become the mean over ranks, identical
+        everywhere (a broadcast from rank 0 would keep only rank 0's data)."""
+        backend.average_buffers(G)
+        backend.average_buffers(D)
+        if G_ema is not None:
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+
+    def snapshot():
+        """Everything a bit-exact resume needs. Collective: every rank calls it."""
+        sync_buffers()
+        gathered = backend.gather_object({"rng": capture_rng_state(), "replica": replica_digest(G, D)})
+        digests = [g["replica"] for g in gathered]
+        if len(set(digests)) != 1:  # data parallelism's invariant: every rank holds the same weights
+            raise HpcganError(f"step {p.step}: the ranks' weights have drifted apart (digests {digests}); "
+                              "this is a bug or a faulty node, please report it with `hpcgan doctor` output")
+        rngs = [g["rng"] for g in gathered]
+        if not coordinator:
+            return None
+        return {"hpcgan_version": __version__, "config": to_dict(cfg), "dataset": dataset_info(manifest),
+                "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "world_size": world,
+                "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict() if G_ema else None,
+                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                "scaler_G": scaler_G.state_dict() if scaler_G else None,
+                "scaler_D": scaler_D.state_dict() if scaler_D else None, "rng": rngs, "replica_digest": digests[0]}
+
+    exit_code = 0
+    while p.step < tc.steps:
+        # --- data ---
+        t0 = time.perf_counter()
+        try:
+            real, real_labels = next(batches)
+        except StopIteration:  # every rank has the same number of batches: they all turn here
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+            sampler.set_epoch(p.epoch)
+            batches = iter(loader)
+            continue
+        real = real.to(device, non_blocking=True)
+        real_labels = real_labels.to(device, non_blocking=True) if num_classes else None
+        p.data_wait_s += time.perf_counter() - t0
+
+        # --- D step: fakes without a graph through G, one backward for real + fake + penalty ---
+        z, fake_labels = latent_slice(tc.seed, p.step, 0, global_batch, cfg.model.latent_dim, num_classes,
+                                      rank, batch, device)
+        with torch.no_grad(), amp():
+            fake = G(z, fake_labels)
+        with amp():
+            loss_D, stats = d_loss(lc, D_aug, real, fake, real_labels, fake_labels)
+        opt_D.zero_grad()  # torch >= 2.0: grads set to None
+        (scaler_D.scale(loss_D) if scaler_D else loss_D).backward()
+        backend.step(opt_D, scaler_D)
+        if lc.type == "wgan":
+            clip_weights_(D, lc.clip_value)
+        stats = {"loss_d": loss_D.detach(), **stats}
+
+        # --- G step every n_critic steps, D frozen so its gradient hooks stay silent ---
+        if (p.step + 1) % lc.n_critic == 0:
+            D.requires_grad_(False)
+            z, fake_labels = latent_slice(tc.seed, p.step, 1, global_batch, cfg.model.latent_dim, num_classes,
+                                          rank, batch, device)
+            with amp():
+                loss_G, g_stats = g_loss(lc, D_aug, G(z, fake_labels), fake_labels)
+            opt_G.zero_grad()  # torch >= 2.0: grads set to None
+            (scaler_G.scale(loss_G) if scaler_G else loss_G).backward()
+            backend.step(opt_G, scaler_G)
+            D.requires_grad_(True)
+            if G_ema is not None:
+                update_ema(G_ema, G, min(tc.ema_decay, (1 + p.step) / (10 + p.step)))
+            stats.update(loss_g=loss_G.detach(), **g_stats)
+        p.add(stats)
+        p.step += 1
+        p.batch_in_epoch += 1
+
+        # --- agreement: one small collective per step (preemption anywhere, checkpoint clock on rank 0) ---
+        agreed = torch.tensor([float(flag.signum is not None),
+                               float(bool(coordinator and coordinator.checkpoint_due_by_time()))])
+        preempt, timed_checkpoint = (bool(v) for v in backend.allreduce_(agreed, "max").tolist())
+        done = p.step == tc.steps
+
+        if p.step % cfg.log.every_steps == 0 or done:
+            metrics = backend.mean_metrics(p.take())
+            waits = {"data": p.data_wait_s, "allreduce": backend.sync_seconds - p.sync_seconds}
+            p.data_wait_s, p.sync_seconds = 0.0, backend.sync_seconds
+            if coordinator:
+                coordinator.log_train(p.step, p.epoch, metrics, global_batch, waits)
+        if cfg.log.sample_every_steps and p.step % cfg.log.sample_every_steps == 0:
+            sync_buffers()
+            if coordinator:
+                coordinator.save_grid(p.step, G_ema or G)
+        eval_results = None
+        if cfg.eval.every_steps and (p.step % cfg.eval.every_steps == 0 or done):
+            sync_buffers()
+            eval_results = evaluate_during_training(cfg, G_ema or G, backend, coordinator, p.step)
+        ce = cfg.checkpoint.every_steps
+        if preempt or done or timed_checkpoint or (ce and p.step % ce == 0):
+            state = snapshot()
+            if coordinator:
+                coordinator.checkpoint(state, p.step, eval_results)
+        if preempt:
+            log.warning("preemption signal received: checkpoint written at step %d, exiting with %d",
+                        p.step, EXIT_REQUEUE)
+            exit_code = EXIT_REQUEUE
+            break
+    if coordinator:
+        coordinator.finish(p.step, G_ema or G, preempted=exit_code == EXIT_REQUEUE)
+    if exit_code != EXIT_REQUEUE:
+        # After a preemption the handlers stay: srun sends SIGTERM to the other ranks once the first
+        # one exits 75, and that must not turn their orderly exit into a 143.
+        flag.restore()
+    backend.barrier()  # nobody leaves before rank 0 has flushed the last checkpoint
+    return exit_code
+
+
+def evaluate_during_training(cfg, G, backend, coordinator, step):
+    """Generate `eval.num_images` with the sampling network and score them against the dataset.
+    Rank 0 alone, or (eval.shared) each rank generates a part and rank 0 scores the whole."""
+    n = cfg.eval.num_images
+    if cfg.eval.shared:
+        part = range(backend.rank, n, backend.world_size)
+        images = generate(G, cfg, list(part), backend.device)
+        gathered = backend.gather_object(images)
+        if not coordinator:
+            return None
+        order = np.argsort(np.concatenate([np.arange(r, n, backend.world_size) for r in range(backend.world_size)]))
+        images = np.concatenate([g.numpy() for g in gathered])[order]
+    else:
+        if not coordinator:
+            return None
+        images = generate(G, cfg, list(range(n)), backend.device).numpy()
+    return coordinator.evaluate(step, images)
+
+
+@torch.no_grad()
+def generate(G, cfg, indices, device, batch_size=64) -> torch.Tensor:
+    """Images number `indices` of the evaluation set: latent i is seeded by (seed, i), so the set is
+    the same however it is split across ranks."""
+    was_training = G.training
+    G.eval()
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        z = torch.stack([torch.randn(cfg.model.latent_dim, generator=torch.Generator().manual_seed(
+            seed_for(cfg.train.seed, 2**30, i))) for i in chunk]).to(device)
+        labels = (torch.tensor(chunk) % cfg.model.num_classes).to(device) if cfg.model.num_classes else None
+        out.append(G(z, labels).float().cpu())
+    G.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, cfg.model.channels, cfg.model.resolution, cfg.model.resolution)
+
+
+def dataset_info(manifest: dict) -> dict:
+    """What sampling needs to know about the data: shapes and physical units, never paths or subjects."""
+    keys = ("image_shape", "pixel_spacing_mm", "slice_thickness_mm", "intensity", "modalities", "dtype")
+    return {k: manifest.get(k) for k in keys}
+
+
+def _load_state(state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler, tc, world):
+    G.load_state_dict(state["G"])
+    D.load_state_dict(state["D"])
+    if G_ema is not None:
+        G_ema.load_state_dict(state["G_ema"] if state.get("G_ema") is not None else state["G"])
+    opt_G.load_state_dict(state["opt_G"])
+    opt_D.load_state_dict(state["opt_D"])
+    for scaler, key in ((scaler_G, "scaler_G"), (scaler_D, "scaler_D")):
+        if scaler is not None and state.get(key):
+            scaler.load_state_dict(state[key])
+    p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    old_global = state["config"]["train"]["batch_size"] * state["world_size"]
+    if old_global != tc.batch_size * world:
+        # A different world size (or batch): keep the number of samples already seen in this epoch.
+        p.batch_in_epoch = p.batch_in_epoch * old_global // (tc.batch_size * world)
+        log.warning("resuming a run of %d x %d images per step with %d x %d: continuing epoch %d at batch %d; "
+                    "ranks beyond the old world start fresh random streams",
+                    state["world_size"], state["config"]["train"]["batch_size"], world, tc.batch_size,
+                    p.epoch, p.batch_in_epoch)
+    p.batch_in_epoch = min(p.batch_in_epoch, sampler.batches_per_epoch)

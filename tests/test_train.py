@@ -1,0 +1,203 @@
+"""`hpcgan train`: config and dataset validation on every rank, 2 ranks equal 1 process, the replicas
+stay identical for every loss on both backends, same seed = same run, a dead rank ends the job, and the
+run directory has what the coordinator promises (without dataset paths)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import hpcgan_cmd, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
+
+# A tiny model on the 64x64 dataset so that a step takes milliseconds on one core.
+TINY = ["model.g_base_width=8", "model.d_base_width=8", "model.max_width=32", "model.latent_dim=16",
+        "train.batch_size=4", "train.ema_decay=0.9", "log.every_steps=1", "log.sample_every_steps=0",
+        "log.tensorboard=false", "checkpoint.every_steps=0"]
+# No batch statistics, no noise, no dropout: the step is a pure function of (weights, batch, latents).
+PURE = ["model.g_norm=none", "model.d_norm=none", "model.g_dropout=0.0", "model.d_dropout=0.0",
+        "model.d_input_noise=0.0", "train.diffaugment=''"]
+
+
+def train_args(dataset, out, steps, *sets, config="wgan-gp-64"):
+    args = ["train", "--config", config, "--data", dataset, "--out", out, "--set", f"train.steps={steps}"]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    return args
+
+
+def load_ckpt(run_dir, step=None):
+    ckpt_dir = run_dir / "checkpoints"
+    name = f"ckpt-{step:08d}.pt" if step is not None else (ckpt_dir / "latest").read_text().strip()
+    return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
+
+
+def assert_states_equal(a: dict, b: dict, exact=True, skip_buffers=False):
+    assert a.keys() == b.keys()
+    for key in a:
+        if skip_buffers and ("running_" in key or "num_batches" in key):
+            continue
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# --- validation before any collective ---------------------------------------------------------------
+@pytest.mark.mpi
+@requires_mpirun
+@pytest.mark.parametrize("sets, needle", [
+    (["model.resolutoin=64"], "model.resolutoin"),
+    (["model.resolution=128"], "model.resolution"),
+    (["model.channels=3"], "model.channels"),
+    (["model.d_norm=batch"], "d_norm"),  # WGAN-GP with a batch-norm critic
+    (["optim.lr=-1"], "optim.lr"),
+    (["train.batch_size=10000"], "global batch"),
+])
+def test_bad_config_exits_2_on_every_rank(sample_dataset, tmp_path, sets, needle):
+    result = run_hpcgan_mpi(2, *train_args(sample_dataset, tmp_path / "run", 2, *sets), timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [l for l in result.stderr.splitlines() if "hpcgan train: error" in l]
+    assert len(errors) == 2 and all(needle in l for l in errors), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_dataset_and_existing_run(sample_dataset, tmp_path):
+    result = run_hpcgan(*train_args(tmp_path / "nope", tmp_path / "run", 2))
+    assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 2), check=True)
+    again = run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 2))
+    assert again.returncode == 2 and "--resume auto" in again.stderr
+
+
+# --- the run directory ----------------------------------------------------------------------------------
+def test_single_process_run_dir(sample_dataset, tmp_path):
+    run = tmp_path / "run"
+    run_hpcgan(*train_args(sample_dataset, run, 6, "log.sample_every_steps=3", "log.tensorboard=true",
+                           "checkpoint.every_steps=3", "checkpoint.keep=1"), check=True)
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(l["images_per_s"] > 0 and "loss_d" in l and "loss_g" in l for l in lines)
+    assert (run / "samples" / "grid-00000000.png").exists() and (run / "samples" / "grid-00000006.png").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-00000006.pt"]
+    assert any((run / "tb").iterdir())
+    ckpt = load_ckpt(run)
+    assert ckpt["step"] == 6 and ckpt["config"]["train"]["steps"] == 6 and len(ckpt["rng"]) == 1
+    assert ckpt["dataset"]["image_shape"] == [1, 64, 64]
+    # Nothing in the run directory names the dataset's location.
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert str(sample_dataset).encode() not in path.read_bytes(), path
+
+
+def test_same_seed_same_run(sample_dataset, tmp_path):
+    for name in ("a", "b"):
+        run_hpcgan(*train_args(sample_dataset, tmp_path / name, 4, "train.diffaugment=translation,cutout"), check=True)
+    a, b = load_ckpt(tmp_path / "a"), load_ckpt(tmp_path / "b")
+    for net in ("G", "D", "G_ema"):
+        assert_states_equal(a[net], b[net])
+    run_hpcgan(*train_args(sample_dataset, tmp_path / "c", 4, "train.seed=1"), check=True)
+    c = load_ckpt(tmp_path / "c")
+    assert any(not torch.equal(c["G"][k], a["G"][k]) for k in a["G"])
+
+
+def test_bf16_autocast_on_cpu(sample_dataset, tmp_path):
+    run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 3, "train.amp=bf16"), check=True)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(abs(line[k]) < 1e6 for k in ("loss_d", "loss_g"))
+
+
+# --- distributed ------------------------------------------------------------------------------------------
+@pytest.mark.mpi
+@requires_mpirun
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_two_ranks_equal_one_process_with_twice_the_batch(sample_dataset, tmp_path, backend):
+    sets = [*PURE, "loss.type=hinge", "train.ema_decay=0"]
+    run_hpcgan(*train_args(sample_dataset, tmp_path / "one", 4, *sets, "train.batch_size=8"), check=True)
+    run_hpcgan_mpi(2, *train_args(sample_dataset, tmp_path / "two", 4, *sets, "train.batch_size=4"),
+                   "--backend", backend, check=True, timeout=240)
+    one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    assert two["world_size"] == 2
+    for net in ("G", "D", "opt_G", "opt_D"):
+        flat_one, flat_two = _tensors(one[net]), _tensors(two[net])
+        assert flat_one.keys() == flat_two.keys()
+        for key in flat_one:
+            torch.testing.assert_close(flat_two[key], flat_one[key], rtol=1e-4, atol=2e-5, msg=f"{net} {key}")
+    losses_one = [json.loads(l)["loss_d"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    losses_two = [json.loads(l)["loss_d"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+
+
+def _tensors(obj, prefix=""):
+    if torch.is_tensor(obj):
+        return {prefix: obj.float()}
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _tensors(value, f"{prefix}.{key}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, value in enumerate(obj) for k, v in _tensors(value, f"{prefix}.{i}").items()}
+    return {prefix: torch.tensor(float(obj))} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+
+
+@pytest.mark.mpi
+@requires_mpirun
+@pytest.mark.parametrize("loss, backend, extra", [
+    ("bce", "horovod", ["model.d_norm=batch", "loss.label_smoothing=0.1", "train.diffaugment=translation"]),
+    ("lsgan", "horovod", ["model.d_input_noise=0.1", "model.g_dropout=0.2"]),
+    ("wgan", "horovod", ["loss.n_critic=2", "loss.clip_value=0.01"]),
+    ("wgan-gp", "horovod", []),
+    ("hinge", "horovod", ["model.spectral_norm=true"]),
+    ("wgan-gp", "torch", ["train.diffaugment=color,translation"]),
+])
+def test_replicas_stay_identical(sample_dataset, tmp_path, loss, backend, extra):
+    """Rank-local randomness (noise, dropout, augmentation, penalty mix) must never make the ranks'
+    weights differ: the coordinator compares a digest of every rank's weights at each checkpoint."""
+    run = tmp_path / "run"
+    result = run_hpcgan_mpi(2, *train_args(sample_dataset, run, 4, f"loss.type={loss}", "checkpoint.every_steps=2",
+                                           *extra), "--backend", backend, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_ckpt(run)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # ranks draw different noise...
+    assert len(ckpt["replica_digest"]) == 64  # ...and the digest check passed on every checkpoint
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(torch.isfinite(torch.tensor(line[k])) for k in ("loss_d", "loss_g"))
+
+
+@pytest.mark.mpi
+@requires_mpirun
+def test_a_dead_rank_ends_the_job(sample_dataset, tmp_path):
+    cmd = mpirun_cmd(2) + hpcgan_cmd(*train_args(sample_dataset, tmp_path / "run", 100000))
+    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        victim = _wait_for_rank(proc, 1, tmp_path / "run")
+        victim.kill()
+        killed_at = time.monotonic()
+        proc.wait(timeout=30)
+        assert proc.returncode != 0 and time.monotonic() - killed_at < 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _wait_for_rank(proc, rank, run_dir, timeout=120):
+    """The process of `rank` once training has made a step (metrics.jsonl has a line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().strip():
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if child.environ().get("OMPI_COMM_WORLD_RANK") == str(rank):
+                        return child
+                except psutil.Error:
+                    pass
+        time.sleep(0.2)
+    pytest.fail(f"rank {rank} never made a training step")
