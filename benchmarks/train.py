@@ -6,7 +6,8 @@ For the 256x256x3 study model (configs/cepa2023.yaml) and the 64x64 model (confi
   - the fraction of wall time spent waiting for data from the HDF5 shards (goal < 5%);
   - weak scaling: 2 ranks x 1 thread against 1 rank x 1 thread at a fixed per-rank batch, Horovod and
     torch backends side by side (efficiency = per-rank images/s on 2 ranks / on 1 rank; goal >= 0.85),
-    and the fraction of wall time a step waits for the gradient allreduce.
+    and the fraction of wall time a step waits for the gradient allreduce; beside them the machine's
+    ceiling, two independent 1-rank runs at once (shared cores, caches and memory bandwidth).
 Every process runs with one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free cores.
 
   .venv/bin/python benchmarks/train.py            # both models (several minutes on 2 cores)
@@ -57,16 +58,38 @@ def make_dataset(root: Path, flags) -> Path:
 
 def hpcgan_train(dataset, run_dir, config, batch, steps, ranks=1, backend="none"):
     """Seconds per step (median over the steps after warm-up) and the mean wait fractions."""
+    sh(train_cmd(dataset, run_dir, config, batch, steps, ranks, backend))
+    return read_run(run_dir, batch * ranks)
+
+
+def machine_ceiling(dataset, run_dir, config, batch, steps, one):
+    """Two independent 1-rank runs at once: what 2 processes get from this machine's cores and memory
+    without any communication, the best weak-scaling efficiency 2 ranks could reach here."""
+    cmds = [train_cmd(dataset, f"{run_dir}-{i}", config, batch, steps) for i in range(2)]
+    procs = [subprocess.Popen([str(c) for c in cmd], env=env1(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        if proc.returncode:
+            sys.exit(f"benchmark step failed (concurrent 1-rank run)\n{err[-3000:]}")
+    return one / statistics.mean(read_run(f"{run_dir}-{i}", batch)[0] for i in range(2))
+
+
+def train_cmd(dataset, run_dir, config, batch, steps, ranks=1, backend="none"):
     cmd = [PY, "-m", "hpcgan", "train", "--config", config, "--data", dataset, "--out", run_dir,
            "--backend", backend, "--set", f"train.steps={steps}", "--set", f"train.batch_size={batch}",
            "--set", "log.every_steps=1", "--set", "log.sample_every_steps=0", "--set", "log.tensorboard=false",
-           "--set", "checkpoint.every_steps=0", "--set", "train.ema_decay=0.999"]
+           "--set", "checkpoint.every_steps=0", "--set", "train.ema_decay=0.999", "--set", "eval.every_steps=0"]
     if ranks > 1:
         cmd = ["mpirun", "-np", ranks, "--oversubscribe", "--bind-to", "none", *cmd]
-    sh(cmd)
+    return cmd
+
+
+def read_run(run_dir, global_batch):
     lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = [l for l in lines if "images_per_s" in l]
     steady = lines[2:]  # the first steps pay for allocation and Horovod's first negotiation
-    step_s = statistics.median(batch * ranks / l["images_per_s"] for l in steady)
+    step_s = statistics.median(global_batch / l["images_per_s"] for l in steady)
     return step_s, statistics.mean(l["data_wait"] for l in steady), statistics.mean(l["allreduce_wait"] for l in steady)
 
 
@@ -129,6 +152,7 @@ def main():
             one, data_wait, _ = hpcgan_train(data, tmp / f"{config}-1", config, batch, steps)
             row = {"model": name, "batch/rank": batch, "img/s/rank 1r": batch / one, "hpcgan/bare": one / bare,
                    "data wait": data_wait}
+            row["ceiling"] = machine_ceiling(data, tmp / f"{config}-1x2", config, batch, steps, one)
             for backend in ("horovod", "torch"):
                 two, _, allreduce = hpcgan_train(data, tmp / f"{config}-2-{backend}", config, batch, steps, 2, backend)
                 row[f"eff {backend}"] = one / two
@@ -146,7 +170,7 @@ def print_table(rows):
     for r in rows:
         print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
     print("goals: hpcgan/bare <= 1.10, data wait < 0.05, eff >= 0.85 (allreduce = fraction of wall time waiting "
-          "for gradients)")
+          "for gradients; ceiling = efficiency of two independent 1-rank runs at once, the most this machine allows)")
     sys.stdout.flush()
 
 

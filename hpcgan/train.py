@@ -44,6 +44,9 @@ def load_train_config(config, overrides):
         check_loss_model(cfg.loss, cfg.model)
     except ValueError as exc:
         raise UsageError(f"{config}: {exc}") from None
+    if cfg.eval.every_steps and cfg.checkpoint.best_metric not in cfg.eval.metrics:
+        raise UsageError(f"{config}: checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not among "
+                         f"eval.metrics {cfg.eval.metrics}")
     if cfg.train.amp == "fp16":
         import torch
 

@@ -90,6 +90,18 @@ class EvalConfig:
     num_images: int = 256
     shared: bool = False  # split the evaluation across ranks instead of rank 0 alone
 
+    def __post_init__(self):
+        from hpcgan.metrics import METRICS
+
+        if self.every_steps < 0:
+            raise ValueError(f"eval.every_steps: must be >= 0 (0 = off), got {self.every_steps}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"eval.metrics: unknown metric {unknown[0] if unknown else '(none)'!r} "
+                             f"(known: {', '.join(METRICS)})")
+        if self.num_images < 2:
+            raise ValueError(f"eval.num_images: must be >= 2, got {self.num_images}")
+
 
 @dataclass
 class Config:

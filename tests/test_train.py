@@ -66,6 +66,17 @@ def test_bad_config_exits_2_on_every_rank(sample_dataset, tmp_path, sets, needle
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("sets, needle", [
+    (["eval.metrics=[swd,ssim]"], "eval.metrics"),
+    (["eval.every_steps=2", "eval.metrics=[intensity]"], "checkpoint.best_metric"),
+    (["eval.num_images=1"], "eval.num_images"),
+])
+def test_bad_eval_config_exits_2(sample_dataset, tmp_path, sets, needle):
+    result = run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 2, *sets))
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_missing_dataset_and_existing_run(sample_dataset, tmp_path):
     result = run_hpcgan(*train_args(tmp_path / "nope", tmp_path / "run", 2))
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr
@@ -201,3 +212,29 @@ def _wait_for_rank(proc, rank, run_dir, timeout=120):
                     pass
         time.sleep(0.2)
     pytest.fail(f"rank {rank} never made a training step")
+
+
+@pytest.mark.mpi
+@requires_mpirun
+def test_evaluation_during_training_keeps_the_best_checkpoint(sample_dataset, tmp_path):
+    """eval.every_steps on rank 0 alone and shared across ranks score the same images (latent i is
+    seeded by i), log them to metrics.jsonl, and the coordinator keeps the best checkpoint by SWD."""
+    sets = ["eval.every_steps=2", "eval.metrics=[swd,intensity,memorization]", "eval.num_images=16",
+            "checkpoint.every_steps=2", "checkpoint.keep=1", "checkpoint.best_metric=swd"]
+    evals = {}
+    for shared in ("false", "true"):
+        run = tmp_path / shared
+        run_hpcgan_mpi(2, *train_args(sample_dataset, run, 6, *sets, f"eval.shared={shared}"), check=True, timeout=240)
+        lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        evals[shared] = {l["step"]: l["eval"] for l in lines if "eval" in l}
+        assert sorted(evals[shared]) == [2, 4, 6]
+        swd = {step: e["swd"]["value"] for step, e in evals[shared].items()}
+        best = min(swd, key=swd.get)
+        assert (run / "checkpoints" / "best").read_text().strip() == f"ckpt-{best:08d}.pt"
+        assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == sorted({f"ckpt-{best:08d}.pt",
+                                                                                         "ckpt-00000006.pt"})
+        assert all(e["swd"]["baseline"] > 0 and e["memorization"]["value"] is not None for e in evals[shared].values())
+    for step in (2, 4, 6):
+        for metric in ("swd", "intensity", "memorization"):
+            assert evals["true"][step][metric]["value"] == pytest.approx(evals["false"][step][metric]["value"],
+                                                                         rel=1e-4, abs=1e-6), (step, metric)

@@ -7,8 +7,17 @@ from hpcgan.dist.env import LaunchEnv, launch_env, slurm_ntasks
 __all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "abort_job", "mpi_comm", "make_backend", "BACKENDS"]
 
 
+def yield_when_idle():
+    """Call before MPI starts. Open MPI busy-polls while it waits; Horovod's background thread waits
+    in MPI all the time, so where ranks share cores (CPU training) it takes a core from the training
+    thread: 2 ranks on 2 cores ran at 0.60 weak-scaling efficiency instead of 0.89
+    (benchmarks/train.py). sched_yield costs nothing when the core is free. A user's value wins."""
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+
+
 def mpi_comm():
     """mpi4py's COMM_WORLD, initialising MPI if need be; None when mpi4py is missing."""
+    yield_when_idle()
     try:
         from mpi4py import MPI
     except ImportError:
@@ -49,6 +58,7 @@ def make_backend(name: str = "auto", device: str = "auto", fp16_allreduce: bool 
         from hpcgan.dist.torch_backend import TorchBackend as cls
     else:
         raise UsageError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")
+    yield_when_idle()
     backend = cls(device=device, fp16_allreduce=fp16_allreduce)
     expected = slurm_ntasks() or env.world_size
     if backend.world_size != expected:
