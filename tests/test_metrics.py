@@ -196,8 +196,10 @@ def test_ms_ssim_of_identical_images_is_one_and_scales_adapt():
     assert msssim.ms_ssim(x, -x).max() < 0.1
     assert [msssim.num_scales(s, s) for s in (32, 64, 128, 256)] == [3, 4, 5, 5]
     assert [msssim.window_size(s, s) for s in (64, 128, 256)] == [7, 7, 11]
-    pairs = msssim.random_pairs(5, 1000, 0)
-    assert (pairs[:, 0] != pairs[:, 1]).all() and pairs.max() == 4
+    pairs = msssim.image_pairs(5, 1000, 0)  # few images: every pair once
+    assert sorted(map(tuple, pairs)) == [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    pairs = msssim.image_pairs(100, 1000, 0)  # many: 1000 random pairs of different images
+    assert pairs.shape == (1000, 2) and (pairs[:, 0] != pairs[:, 1]).all() and pairs.max() == 99
 
 
 def test_laplacian_pyramid_reconstructs_the_image():

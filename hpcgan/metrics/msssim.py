@@ -90,8 +90,12 @@ def ms_ssim(x, y) -> np.ndarray:
     return result.numpy()
 
 
-def random_pairs(num_images: int, num_pairs: int, seed: int) -> np.ndarray:
-    """(num_pairs, 2) indices of two different images, drawn from `seed`."""
+def image_pairs(num_images: int, num_pairs: int, seed: int) -> np.ndarray:
+    """(P, 2) indices of two different images: every pair when there are at most `num_pairs` of them
+    (the exact mean, and no repeated work on small sets such as evaluations during training), else
+    `num_pairs` pairs drawn from `seed`."""
+    if num_images * (num_images - 1) // 2 <= num_pairs:
+        return np.stack(np.triu_indices(num_images, k=1), axis=1)
     rng = np.random.default_rng([seed, num_images])
     first = rng.integers(0, num_images, size=num_pairs)
     offset = rng.integers(1, num_images, size=num_pairs)  # never pair an image with itself
@@ -100,7 +104,7 @@ def random_pairs(num_images: int, num_pairs: int, seed: int) -> np.ndarray:
 
 def mean_pair_ms_ssim(images, seed: int = 0, num_pairs: int = NUM_PAIRS, comm=None) -> float:
     """Mean MS-SSIM over random pairs of `images`; the pairs are split across ranks in fixed units."""
-    pairs = random_pairs(len(images), num_pairs, seed)
+    pairs = image_pairs(len(images), num_pairs, seed)
     units = range(0, len(pairs), PAIRS_PER_UNIT)
 
     def unit(i):
@@ -120,4 +124,5 @@ def compute(fake, train, val, seed=0, comm=None, **_):
     h, w = fake.shape[-2:]
     return {"value": value, "baseline": baseline, "collapse": bool(collapse),
             "verdict": "mode collapse" if collapse else "ok",
-            "scales": num_scales(h, w), "window": window_size(h, w), "pairs": NUM_PAIRS}
+            "scales": num_scales(h, w), "window": window_size(h, w),
+            "pairs": len(image_pairs(len(fake), NUM_PAIRS, seed))}
