@@ -3,6 +3,7 @@
 The rendezvous comes from the job itself, so the same `mpirun`/`srun` lines that start Horovod
 start this backend: MASTER_ADDR/MASTER_PORT if set (torchrun), else rank 0 picks a free port and
 tells the others through MPI."""
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -74,8 +75,14 @@ class TorchBackend(Backend):
         self.allreduce_(torch.zeros(1), "sum")
 
     def shutdown(self):
+        """Tear the process groups down while Python is fully alive. Gloo's worker threads drop their
+        last references to the tensors of finished work a moment after the collective returns; if
+        that happens during interpreter shutdown it needs the GIL and the process aborts (exit 134,
+        pytorch/pytorch#190489, #179291). Collecting the groups here joins those threads first."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.cpu_group = None
+        gc.collect()
 
     def synchronize(self, optimizer):
         """Average every gradient the optimizer holds in one flat allreduce. A missing gradient
