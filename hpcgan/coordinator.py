@@ -24,6 +24,7 @@ from hpcgan.checkpoint import CheckpointWriter
 from hpcgan.config import to_dict
 from hpcgan.io import write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
+from hpcgan.metrics import METRICS
 from hpcgan.stacks import contact_sheet, write_png
 
 log = get_logger("coordinator")
@@ -42,9 +43,10 @@ class Coordinator:
         log.info("environment: hpcgan %s, torch %s, %s backend, world %d, device %s%s", env["hpcgan"], env["torch"],
                  env["backend"], env["world_size"], env["device"], f", GPUs {env['gpus']}" if env.get("gpus") else "")
         ck = cfg.checkpoint
+        higher_is_better = METRICS[ck.best_metric].higher_is_better if cfg.eval.every_steps else False
         self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", keep_last=ck.keep,
                                             best_metric=ck.best_metric if cfg.eval.every_steps else None,
-                                            best_mode="max" if ck.best_metric.endswith("_max") else "min")
+                                            best_mode="max" if higher_is_better else "min")
         self.tb = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -121,9 +123,9 @@ class Coordinator:
         G.train(was_training)
         nrow = max(1, int(len(images) ** 0.5))
         path = self.run_dir / "samples" / f"grid-{step:08d}.png"
-        write_png(contact_sheet(images, nrow=nrow), path)
+        sheet = contact_sheet(images, nrow=nrow)
+        write_png(sheet, path)
         if self.tb:
-            sheet = contact_sheet(images, nrow=nrow)
             self.tb.add_image("samples", sheet if sheet.ndim == 3 else sheet[..., None], step, dataformats="HWC")
 
     # --- evaluation ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcgan.errors import HpcganError
-from hpcgan.io import atomic_path, check_writable_dir
+from hpcgan.io import check_writable_dir, write_bytes_atomic
 from hpcgan.log import get_logger
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
@@ -95,8 +95,7 @@ def write_sample_data(out) -> list[Volume]:
         # Same bytes on every run (gzip without a timestamp), so a dataset built from them stays valid.
         payload = gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
         if not (path.exists() and path.read_bytes() == payload):
-            with atomic_path(path) as tmp:
-                Path(tmp).write_bytes(payload)
+            write_bytes_atomic(path, payload)
         written.append((volume, path, data.shape, data.dtype))
     return written
 

@@ -115,7 +115,6 @@ class Progress:
     count: int = 0
     data_wait_s: float = 0.0  # since the last log line
     sync_seconds: float = 0.0  # backend.sync_seconds at the last log line
-    started: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: dict):
         # Summed as tensors: no device-to-host copy (and no GPU sync) until a log line is due.
