@@ -4,13 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean-demo
+.PHONY: setup test lint demo bench clean-demo
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every shell script parses and passes shellcheck (tests/test_shell_scripts.py; also part of `make test`).
+lint: setup
+	$(PY) -m pytest -q tests/test_shell_scripts.py
 
 demo: setup
 	@bash scripts/demo.sh

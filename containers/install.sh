@@ -7,12 +7,19 @@
 #   MPI           source: Open MPI $OMPI_VERSION built from its release tarball (GPU image; match the
 #                 host's major.minor for the hybrid model); debian: the distribution's Open MPI (CPU)
 #   OMPI_VERSION  e.g. 4.1.6 (only for MPI=source)
-#   TORCH_INDEX   pip index for torch, e.g. https://download.pytorch.org/whl/cu124 or .../whl/cpu
+#   TORCH_INDEX   pip index for torch, e.g. https://download.pytorch.org/whl/cu124 or .../whl/cpu;
+#                 empty: pip's own configuration (a pip.conf bound into the build, see README.md)
 #   TORCH_SPEC    torch requirement (default: torch)
+#
+# Build cache: when the build binds a directory at /var/cache/hpcgan (`podman build -v
+# ~/.cache/hpcgan:/var/cache/hpcgan`), the Horovod wheel is taken from and kept there, keyed like
+# scripts/setup.sh's cache, so an image rebuilt after a source change does not compile Horovod again.
 set -euo pipefail
-: "${MPI:?MPI=source or debian}" "${TORCH_INDEX:?TORCH_INDEX=pip index URL for torch}"
+: "${MPI:?MPI=source or debian}"
 SRC=/opt/hpcgan
 VENV=/opt/venv
+BUILD_CACHE=/var/cache/hpcgan
+if [ -d "$BUILD_CACHE" ] && [ -w "$BUILD_CACHE" ]; then cache=$BUILD_CACHE keep_cache=1; else cache=/tmp/hpcgan-cache keep_cache=0; fi
 export DEBIAN_FRONTEND=noninteractive
 
 apt-get update -qq
@@ -22,7 +29,7 @@ apt-get install -y -qq --no-install-recommends ca-certificates curl bzip2 make c
 if [ "$MPI" = debian ]; then
   apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null
 else
-  : "${OMPI_VERSION:?OMPI_VERSION, e.g. 4.1.6 (the host's Open MPI)}"
+  : "${OMPI_VERSION:?OMPI_VERSION, e.g. 4.1.6 (match the Open MPI on the host)}"
   build=$(mktemp -d)
   curl -fsSL "https://download.open-mpi.org/release/open-mpi/v${OMPI_VERSION%.*}/openmpi-$OMPI_VERSION.tar.bz2" |
     tar -xj -C "$build"
@@ -36,8 +43,8 @@ fi
 
 # torch first (a CUDA or CPU build from TORCH_INDEX): scripts/setup.sh keeps a torch that is there.
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --no-cache-dir --index-url "$TORCH_INDEX" "${TORCH_SPEC:-torch}"
-HPCGAN_VENV=$VENV HPCGAN_CACHE=/tmp/hpcgan-cache bash "$SRC/scripts/setup.sh"
+"$VENV/bin/pip" install -q --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "${TORCH_SPEC:-torch}"
+HPCGAN_VENV=$VENV HPCGAN_CACHE=$cache HPCGAN_DEV_TOOLS=0 bash "$SRC/scripts/setup.sh"
 
 # Versions for the image's labels (read by hpcgan.def and printed in the Docker build log).
 "$VENV/bin/python" - >/opt/hpcgan-versions <<'PY'
@@ -48,6 +55,7 @@ print(f"horovod {horovod.__version__}")
 print(f"mpi {mpi4py.MPI.Get_library_version().splitlines()[0].strip()}")
 PY
 cat /opt/hpcgan-versions
-rm -rf /tmp/hpcgan-cache /root/.cache/pip
+[ "$keep_cache" = 1 ] || rm -rf "$cache"
+rm -rf /root/.cache/pip
 apt-get clean
 rm -rf /var/lib/apt/lists/*

@@ -5,7 +5,8 @@ A checkpoint is a dict saved by `torch.save` that loads with
 tuples, dicts and None only, so a checkpoint from someone else cannot run code. Keys:
 `format` ("hpcgan-checkpoint"), `format_version` (1), and what the training coordinator passes
 (hpcgan_version, config, dataset, step, epoch, batch_in_epoch, G, D, G_ema, opt_G, opt_D,
-scalers, rng (one entry per rank), metrics).
+scalers, rng and rank_buffers (one entry per rank), metrics). G and D hold batch-norm statistics
+averaged over ranks (what sampling uses); rank_buffers each rank's own, for an exact resume.
 
 A checkpoint directory holds:
   ckpt-00001000.pt   one file per checkpoint, written to a temp name, fsynced, renamed
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from hpcgan.errors import HpcganError, UsageError
-from hpcgan.io import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from hpcgan.io import atomic_path, is_disk_full, remove_temp_files, sha256_file, write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
 
 FORMAT = "hpcgan-checkpoint"
@@ -185,6 +186,21 @@ class CheckpointWriter:
         self._thread = None
         self._error = None
         self._buffers = None  # the last host copy, written and free: the next copy goes into it
+        self._remove_leftovers()
+
+    def _remove_leftovers(self):
+        """A job killed mid-write leaves a temp file (never renamed), or, between the rename and the
+        index update or between the index update and the rotation, a checkpoint the index does not
+        list. None of them is ever read (the index decides), so their space is given back."""
+        removed = remove_temp_files(self.directory)
+        if self.entries:  # without a readable index every checkpoint file is a candidate: keep them
+            listed = {entry["file"] for entry in self.entries}
+            for path in sorted(self.directory.glob("ckpt-*.pt")):
+                if path.name not in listed:
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
+        for name in removed:
+            log.info("%s: removed %s, left by an interrupted write", self.directory, name)
 
     def submit(self, state: dict, step: int, metrics: dict | None = None):
         self.flush()
@@ -208,14 +224,24 @@ class CheckpointWriter:
     def close(self):
         self.flush()
 
+    def raise_if_failed(self):
+        """Raise the error of a finished background write now, without waiting for one in flight:
+        training stops at the next step instead of going on without checkpoints."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.flush()
+
     def _write_guarded(self, host, step, metrics):
         try:
             self._write(host, step, metrics)
             self._buffers = host
         except BaseException as exc:  # re-raised by the next submit/flush, in the training thread
             path = self.directory / checkpoint_name(step)
-            reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else exc
-            self._error = HpcganError(f"{path}: writing the checkpoint failed: {reason}")
+            if is_disk_full(exc):
+                self._error = HpcganError(f"{path}: no space left on device; the earlier checkpoints are intact "
+                                          "(free space, then continue with --resume auto)")
+            else:
+                reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else exc
+                self._error = HpcganError(f"{path}: writing the checkpoint failed: {reason}")
             self._error.__cause__ = exc
 
     def _write(self, host, step, metrics):
@@ -233,7 +259,11 @@ class CheckpointWriter:
         kept = [e for i, e in enumerate(entries) if i >= len(entries) - self.keep_last or e is best]
         # Index and pointers first, deletions last: a crash in between leaves orphans, never
         # an index that names a missing file.
-        write_json_atomic(self.directory / INDEX_NAME, kept)
+        try:
+            write_json_atomic(self.directory / INDEX_NAME, kept)
+        except BaseException:
+            path.unlink(missing_ok=True)  # not indexed, so never used: give its space back (full disk)
+            raise
         write_bytes_atomic(self.directory / "latest", f"{name}\n".encode())
         if best is not None:
             write_bytes_atomic(self.directory / "best", f"{best['file']}\n".encode())
@@ -272,15 +302,18 @@ def _open(path: Path, mmap: bool = False):
     return state
 
 
-def find_latest_valid(directory) -> Path | None:
+def find_latest_valid(directory, max_step: int | None = None) -> Path | None:
     """Newest checkpoint in `directory` whose sha256 matches the index and that loads; a
     truncated or corrupt one is skipped with a warning naming it. Without an index, the
-    ckpt-*.pt files are tried newest first (then only damage to the file's structure is found)."""
+    ckpt-*.pt files are tried newest first (then only damage to the file's structure is found).
+    `max_step`: only checkpoints of that step or earlier (a rollback never jumps forward)."""
     directory = Path(directory)
     entries = read_index(directory)
     if not entries:
         entries = [{"file": p.name, "sha256": None} for p in sorted(directory.glob("ckpt-*.pt"))]
     for entry in reversed(entries):
+        if max_step is not None and entry.get("step", -1) > max_step:
+            continue
         path = directory / entry["file"]
         if not path.is_file():
             log.warning("%s: listed in %s but missing; skipping it", path, INDEX_NAME)

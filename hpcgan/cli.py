@@ -4,6 +4,8 @@ modules, so `hpcgan --help` stays fast and imports no torch."""
 import argparse
 import importlib
 import sys
+import time
+import traceback
 
 from hpcgan import __version__
 from hpcgan.errors import HpcganError, UsageError
@@ -18,6 +20,7 @@ COMMANDS = {
     "sample": ("hpcgan.sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
     "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
     "report": ("hpcgan.report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
+    "turing-test": ("hpcgan.turing_test", "blinded real-vs-synthetic reading session for clinicians, and its scores"),
     "sweep": ("hpcgan.sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
     "sweep-summary": ("hpcgan.sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
 }
@@ -71,9 +74,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"hpcgan {args.command}: interrupted\n")
         return 130
-    except Exception as exc:  # one line, no traceback unless --debug
+    except Exception as exc:  # one line, after the traceback with --debug
+        from hpcgan.dist import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
+
+        if lost_a_peer(exc):
+            # Another rank failed first and is ending the job with the line that says why: give the
+            # launcher time to stop this rank quietly, so that line is the only one.
+            time.sleep(PEER_FAILURE_GRACE_S)
         if args.debug:
-            raise
+            traceback.print_exc()
         if isinstance(exc, HpcganError):
             code, text = exc.exit_code, str(exc)
         elif isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
@@ -84,7 +93,5 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         if not isinstance(exc, UsageError):
             # A runtime failure on one rank must end the whole job, not leave the others in a collective.
-            from hpcgan.dist import abort_job
-
             abort_job(code)
         return code

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from hpcgan import __version__
 from hpcgan.checkpoint import CheckpointWriter
 from hpcgan.config import to_dict
-from hpcgan.io import write_bytes_atomic, write_json_atomic
+from hpcgan.io import read_jsonl, remove_temp_files, write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.metrics import METRICS
+from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_png
 
 log = get_logger("coordinator")
@@ -36,6 +36,9 @@ class Coordinator:
         self.cfg = cfg
         self.dataset_dir = dataset_dir
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for directory in (self.run_dir, self.run_dir / "samples"):
+            for name in remove_temp_files(directory):
+                log.info("removed %s, left by an interrupted write", name)
         write_bytes_atomic(self.run_dir / "config.yaml",
                            yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
         env = environment(backend_info)
@@ -48,10 +51,6 @@ class Coordinator:
                                             best_metric=ck.best_metric if cfg.eval.every_steps else None,
                                             best_mode="max" if higher_is_better else "min")
         self.tb = None
-        if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         self.bar = None
         self.last_checkpoint_time = time.monotonic()
         self.last_log = (time.perf_counter(), 0)
@@ -62,13 +61,18 @@ class Coordinator:
         self.grid_latents = grid_latents
         self.last_log = (time.perf_counter(), step)
         self._trim_metrics(step)
-        self.bar = tqdm(total=self.cfg.train.steps, initial=step, desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+        if self.cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # TensorBoard's event files are append-only logs too: purge_step hides the events a
+            # killed run logged after the checkpoint this run resumes from.
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1 if step else None)
+        self.bar = progress_bar(self.cfg.train.steps, "train", "steps", initial=step)
         if step == 0 and self.cfg.log.sample_every_steps:
             self.save_grid(0, G)
 
-    def finish(self, step: int, G, preempted: bool = False):
-        if self.cfg.log.sample_every_steps and step % self.cfg.log.sample_every_steps:
+    def finish(self, step: int, G, preempted: bool = False, nonfinite: bool = False):
+        if self.cfg.log.sample_every_steps and step % self.cfg.log.sample_every_steps and not nonfinite:
             self.save_grid(step, G)
         self.checkpoints.close()  # the last write is on disk before the job ends
         if self.tb:
@@ -77,7 +81,7 @@ class Coordinator:
             self.bar.close()
         if preempted:
             log.info("run stopped for preemption at step %d; continue it with --resume auto", step)
-        else:
+        elif not nonfinite:  # after NaN/inf the rank that saw it has said why, in one line
             log.info("run finished at step %d: %s", step, self.run_dir)
 
     # --- metrics -------------------------------------------------------------------------------------
@@ -106,12 +110,13 @@ class Coordinator:
             f.write(json.dumps(line) + "\n")
 
     def _trim_metrics(self, step: int):
-        """On resume, drop lines logged after the checkpoint: they will be logged again."""
+        """On resume, drop lines logged after the checkpoint (they will be logged again) and a torn
+        last line left by a killed job, so that the next line does not glue onto it."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        write_bytes_atomic(path, "".join(l + "\n" for l in kept).encode())
+        kept = [record for record in read_jsonl(path) if record.get("step", 0) <= step]
+        write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 
     # --- images ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +158,23 @@ class Coordinator:
     def checkpoint_due_by_time(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes
         return bool(minutes) and time.monotonic() - self.last_checkpoint_time >= 60 * minutes
+
+    def rollback(self, failed_step: int, count: int) -> dict | None:
+        """Rank 0's part of train.nonfinite=rollback: the newest valid checkpoint up to `failed_step`
+        (after the write in flight has landed), or None if there is none. metrics.jsonl is cut back to
+        its step, as on a resume, and records the rollback."""
+        from hpcgan.checkpoint import find_latest_valid, load_checkpoint
+
+        self.checkpoints.flush()
+        path = find_latest_valid(self.checkpoints.directory, max_step=failed_step)
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        self._trim_metrics(state["step"])
+        self._append({"step": state["step"], "rollback": {"count": count, "failed_step": failed_step}})
+        log.warning("rollback %d: back to %s (step %d) after step %d; continuing with the next batches and new "
+                    "latents", count, path.name, state["step"], failed_step)
+        return state
 
     def checkpoint(self, state: dict, step: int, eval_values: dict | None):
         """Copies the state to host memory now and writes it in the background."""

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from hpcgan.errors import UsageError
+from hpcgan.errors import HpcganError, UsageError
 
 MANIFEST = "manifest.json"
 FORMAT = "hpcgan-dataset"
@@ -109,10 +109,12 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         name, row = self.locate(int(index))
-        image = decode(self._dataset(name, "images")[row])
-        label = 0
-        if self.labels == "mask":
-            label = int(self._dataset(name, "masks")[row].any())
+        try:
+            image = decode(self._dataset(name, "images")[row])
+            label = int(self._dataset(name, "masks")[row].any()) if self.labels == "mask" else 0
+        except OSError as exc:  # h5py: a damaged chunk or a shard cut short
+            raise HpcganError(f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
+                              f"`hpcgan info {self.dataset_dir} --verify` checks every shard") from exc
         if self.flip and self.flips(int(index)):
             image = image.flip(-1)
         return image, self._label_tensors[label].clone()

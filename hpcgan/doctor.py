@@ -2,12 +2,14 @@
 
 Reports Python, torch (CUDA, GPUs), the MPI library, mpi4py, h5py (MPI-enabled or not), nibabel,
 Horovod (frameworks, controllers, tensor operations) and Slurm. Under `mpirun -np N` or `srun` it
-also runs a real allreduce through hpcgan's backend and checks that every rank sees a world of N
-(and, under srun, that N equals SLURM_NTASKS). Exit 1 if the training path cannot work."""
+also runs a real allreduce through hpcgan's backend, checks that every rank sees a world of N
+(and, under srun, that N equals SLURM_NTASKS) and names the host of every rank, so a multi-node
+run shows that the allreduce crossed nodes. Exit 1 if the training path cannot work."""
 import importlib
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,12 +152,16 @@ def check_world(backend_name):
         return Check("world", False, f"{type(exc).__name__}: {exc}", "see the message; `hpcgan doctor` under 1 process first")
     total = backend.allreduce_(torch.tensor([float(backend.rank + 1)]), "sum").item()
     sizes = backend.gather_object(backend.world_size)
+    hosts = backend.gather_object(socket.gethostname())
     backend.barrier()
     expected = backend.world_size * (backend.world_size + 1) / 2
     ntasks = slurm_ntasks()
     ok = total == expected and all(s == backend.world_size for s in sizes) and (ntasks is None or ntasks == backend.world_size)
+    ranks_on = {host: [r for r, h in enumerate(hosts) if h == host] for host in dict.fromkeys(hosts)}
+    placement = "; ".join(f"{host}: ranks {','.join(map(str, ranks))}" for host, ranks in ranks_on.items())
     detail = (f"{backend.name} backend: world of {backend.world_size}, ranks report sizes {sizes}, "
-              f"allreduce sum {total:g} (expected {expected:g})" + (f", SLURM_NTASKS={ntasks}" if ntasks else ""))
+              f"allreduce sum {total:g} (expected {expected:g}) across {len(ranks_on)} host(s) ({placement})"
+              + (f", SLURM_NTASKS={ntasks}" if ntasks else ""))
     fix = "" if ok else "ranks disagree on the world: check the MPI/PMI set-up (srun --mpi=pmix, same MPI as mpi4py)"
     return Check("world", ok, detail, fix), backend
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from hpcgan.errors import UsageError
 from hpcgan.log import get_logger
+from hpcgan.progress import progress_bar
 
 log = get_logger("evaluate")
 
@@ -121,8 +122,6 @@ def check_args(args):
 
 
 def run(args):
-    from tqdm import tqdm
-
     from hpcgan.dist import launch_env, mpi_comm
     from hpcgan.io import check_writable_dir, write_json_atomic
     from hpcgan.metrics import evaluate, format_table
@@ -141,10 +140,12 @@ def run(args):
              len(fake), len(train), 0 if val is None else len(val), env.world_size)
 
     results = {}
-    for name in tqdm(metrics, desc="evaluate", unit="metric", disable=env.rank != 0):
-        results.update(evaluate(fake, train, val, metrics=(name,), comm=comm, seed=args.seed,
-                                worst_dir=worst_dir if name == "memorization" else None,
-                                fid_weights=args.fid_weights))
+    with progress_bar(len(metrics), "evaluate", "metrics", enabled=env.rank == 0) as bar:
+        for name in metrics:
+            results.update(evaluate(fake, train, val, metrics=(name,), comm=comm, seed=args.seed,
+                                    worst_dir=worst_dir if name == "memorization" else None,
+                                    fid_weights=args.fid_weights))
+            bar.update(1)
     if env.rank == 0:
         report = {"format": FORMAT, "format_version": 1, "metrics": results, "generated": {**provenance,
                   "count": len(fake)}, "real": {"train": len(train), "val": 0 if val is None else len(val)},

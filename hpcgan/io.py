@@ -1,35 +1,137 @@
-"""File output that never leaves anything half-written, and checksums."""
+"""File output that never leaves anything half-written, reading back what a killed writer left,
+and checksums."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
+
+from hpcgan.errors import HpcganError
+from hpcgan.log import get_logger
+
+log = get_logger("io")
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc`, or an exception it came from, is ENOSPC or EDQUOT. torch.save raises its own
+    RuntimeError ("unexpected pos") with the OSError as context; h5py sometimes a RuntimeError that
+    gives the errno only in its message, so the text is read too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(os.strerror(code) in str(exc) for code in DISK_FULL_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the same directory as `path`; on success fsync it and rename
     it to `path` (atomic on POSIX), on failure remove it. The temp name starts with '.' and
-    keeps the extension (libraries such as nibabel choose the format by it)."""
+    keeps the extension (libraries such as nibabel choose the format by it). A full disk or
+    quota becomes one HpcganError naming `path` and "no space left", whatever library wrote."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     ext = name[name.index("."):] if "." in name.lstrip(".") else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + ext, dir=directory)
-    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + ext, dir=directory)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
         yield tmp
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a full disk can show up only here (delayed allocation, NFS)
         os.replace(tmp, path)
         _fsync_dir(directory)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        if is_disk_full(exc):
+            raise HpcganError(f"{path}: no space left on device (the partial file was removed)") from exc
         raise
+
+
+class HDF5Output:
+    """An HDF5 file being written (`.file`, an h5py.File) that fails cleanly on a full disk. HDF5
+    cannot close a file whose last flush fails: the handle stays open, the space stays taken and h5py
+    crashes at exit (segfault). So h5py writes through this object (its file-object driver), which
+    drops every write after the first failed one; the file then closes as if complete, and `check`
+    and `close` raise the saved error (atomic_path removes the incomplete file)."""
+
+    def __init__(self, path, **kwargs):
+        import h5py
+
+        self._raw = open(path, "w+b", buffering=0)  # unbuffered: a seek never flushes (and fails) late
+        self._error = None
+        try:
+            self.file = h5py.File(self, "w", **kwargs)
+        except BaseException:
+            self._raw.close()
+            raise
+
+    # --- the file-object protocol h5py uses -------------------------------------------------------
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        while self._error is None and len(view):
+            try:
+                view = view[self._raw.write(view):]  # a raw write may take only part
+            except OSError as exc:
+                self._error = exc
+        return size
+
+    def truncate(self, size=None):
+        if self._error is None:
+            try:
+                return self._raw.truncate(size)
+            except OSError as exc:
+                self._error = exc
+        return size
+
+    def flush(self):
+        pass  # unbuffered
+
+    def read(self, size=-1):
+        return self._raw.read(size)
+
+    def readinto(self, buffer):
+        return self._raw.readinto(buffer)
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return self._raw.seek(offset, whence)
+
+    def tell(self):
+        return self._raw.tell()
+
+    # --- for the writer -------------------------------------------------------------------------
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def check(self):
+        """Raise the error of the first failed write, if any (call after each large write)."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self):
+        try:
+            self.file.close()
+        finally:
+            self._raw.close()
+        self.check()
 
 
 def _fsync_dir(directory):
@@ -48,6 +150,52 @@ def write_bytes_atomic(path, data: bytes):
 
 def write_json_atomic(path, obj):
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# What atomic_path leaves when its process is killed before the rename: "." + name + "." +
+# mkstemp's 8 random characters + ".tmp" + extension.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\..*)?")
+
+
+def remove_temp_files(directory) -> list:
+    """Delete the temporary files of writes that were killed mid-way in `directory` (never
+    renamed, so never read); returns their names. Call only where no write is in flight."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.is_file(follow_symlinks=False) and _TEMP_NAME.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                removed.append(entry.name)
+    return sorted(removed)
+
+
+def read_jsonl(path) -> list:
+    """The records (dicts) of an append-only JSON-lines log; [] if there is none. A job killed
+    mid-append leaves a last line without its newline: that torn line is dropped with a warning.
+    Any other line that is not a JSON object is skipped with a warning naming its number."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    complete, _, torn = data.rpartition(b"\n")
+    if torn.strip():
+        log.warning("%s: dropping an incomplete last line (%d bytes, an interrupted write)",
+                                 path, len(torn))
+    records = []
+    for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s: line %d is not a JSON object; skipping it", path, number)
+    return records
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

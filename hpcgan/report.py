@@ -7,7 +7,8 @@ and the environment.
 
 Reads RUN_DIR/metrics.jsonl, config.yaml, env.json and samples/grid-*.png; the contact sheet comes
 from --samples (its newest stack-*.png, else one drawn from its newest stack-*.h5) or the newest
-stack-*.png under RUN_DIR; the evaluation from --evaluation or RUN_DIR/evaluation.json. Figures are
+stack-*.png under RUN_DIR; the evaluation from --evaluation or RUN_DIR/evaluation.json; the visual Turing
+test's scores from --turing-test or RUN_DIR/turing-test.json (`hpcgan turing-test score`). Figures are
 PNGs in RUN_DIR/report/, referenced by relative paths; missing parts are said so on the page."""
 import glob
 import html
@@ -29,24 +30,22 @@ def add_arguments(parser):
     parser.add_argument("--samples", metavar="SAMPLES_DIR", help="a directory written by hpcgan sample")
     parser.add_argument("--evaluation", metavar="JSON",
                         help="written by hpcgan evaluate (default: RUN_DIR/evaluation.json if present)")
+    parser.add_argument("--turing-test", metavar="JSON",
+                        help="written by hpcgan turing-test score (default: RUN_DIR/turing-test.json if present)")
 
 
 # ---------------------------------------------------------------- reading the run
 
 
 def read_metrics(path) -> tuple:
-    """(training lines, evaluation lines) of metrics.jsonl; unreadable lines are skipped."""
+    """(training lines, evaluation lines) of metrics.jsonl; a torn last line (a killed run) and
+    unreadable lines are skipped with a warning (hpcgan.io.read_jsonl)."""
+    from hpcgan.io import read_jsonl
+
     train, evals = [], []
-    if not os.path.isfile(path):
-        return train, evals
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)):
-                (evals if isinstance(entry.get("eval"), dict) else train).append(entry)
+    for entry in read_jsonl(path):
+        if isinstance(entry.get("step"), (int, float)):
+            (evals if isinstance(entry.get("eval"), dict) else train).append(entry)
     return train, evals
 
 
@@ -251,6 +250,8 @@ def run(args):
         raise UsageError(f"--samples {args.samples}: no such directory")
     if args.evaluation and not os.path.isfile(args.evaluation):
         raise UsageError(f"--evaluation {args.evaluation}: no such file")
+    if args.turing_test and not os.path.isfile(args.turing_test):
+        raise UsageError(f"--turing-test {args.turing_test}: no such file")
     out = args.out or os.path.join(run_dir, "report.html")
     out_dir = check_writable_dir(os.path.dirname(os.path.abspath(out)))
     figures_dir = check_writable_dir(os.path.join(run_dir, "report"))
@@ -259,6 +260,8 @@ def run(args):
         return os.path.relpath(os.path.join(figures_dir, name), out_dir)
 
     import matplotlib
+
+    from hpcgan import turing_test
 
     matplotlib.use("Agg")
     train, evals = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
@@ -288,6 +291,9 @@ def run(args):
                "No sample stack (run hpcgan sample, or pass --samples)."),
         "<h2>Evaluation</h2>",
         evaluation_section(evaluation, os.path.dirname(os.path.abspath(evaluation_path)), figures_dir, href),
+        "<h2>Visual Turing test</h2>",
+        turing_test.report_section(read_json(args.turing_test or os.path.join(run_dir, "turing-test.json"),
+                                             "Turing-test scores")),
         "<h2>Config</h2>",
         f"<pre>{html.escape(config)}</pre>" if config is not None else "<p>No config.yaml.</p>",
         "<h2>Environment</h2>",

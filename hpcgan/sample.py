@@ -1,5 +1,8 @@
 """Write stacks of generated images from a checkpoint, as the reference study did (stacks of 100).
 
+A stack is N independent 2-D slices, each from its own latent: not an anatomically coherent volume and
+not a synthetic patient, even where it is saved as a NIfTI volume (its header says so).
+
 Per stack k, in --out:
   stack-0000k.h5      dataset `images` (stack, C, H, W) float32 in [-1, 1]; attributes: checkpoint_sha256,
                       step, seed, stack_index, labels, config (JSON)
@@ -23,6 +26,7 @@ import torch
 
 from hpcgan.errors import UsageError
 from hpcgan.log import get_logger
+from hpcgan.progress import progress_bar
 
 FORMATS = ("h5", "nifti", "png")
 SHEET_COLUMNS = 10
@@ -35,7 +39,8 @@ def add_arguments(parser):
                         help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")
-    parser.add_argument("--stack-size", type=int, default=100, metavar="N", help="images per stack (default 100)")
+    parser.add_argument("--stack-size", type=int, default=100, metavar="N", help="images per stack, each from its own latent: independent slices, "
+                        "not a coherent volume (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="latent seed; stack k uses (seed, k) (default 0)")
     parser.add_argument("--format", default="h5,nifti,png", help="comma-separated subset of h5,nifti,png (default all)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -182,8 +187,6 @@ def check_nifti_geometry(dataset, source):
 
 
 def run(args):
-    from tqdm import tqdm
-
     from hpcgan.checkpoint import load_checkpoint, resolve_checkpoint
     from hpcgan.dist import launch_env, mpi_comm
     from hpcgan.io import check_writable_dir, sha256_file, write_json_atomic
@@ -211,7 +214,7 @@ def run(args):
              "labels": labels or [], "config": config}
     mine = range(env.rank, args.num_stacks, env.world_size)
     files = []
-    with tqdm(total=len(mine) * args.stack_size, unit="img", desc="sampling", disable=env.rank != 0) as bar:
+    with progress_bar(len(mine) * args.stack_size, "sampling", "images", enabled=env.rank == 0) as bar:
         for k in mine:
             images = generate_images(G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size,
                                      stream=k, progress=bar)

@@ -9,9 +9,11 @@ import json
 
 import numpy as np
 
-from hpcgan.io import atomic_path
+from hpcgan.io import HDF5Output, atomic_path
 
 STACK_DATASET = "images"
+# A NIfTI's descrip (80 bytes at most): each slice of a stack comes from its own latent.
+NIFTI_DESCRIPTION = b"hpcgan synthetic: independent 2-D slices, not a volume or a patient"
 
 
 def to_uint8(images) -> np.ndarray:
@@ -38,21 +40,21 @@ def contact_sheet(images, nrow: int = 10) -> np.ndarray:
     return sheet[..., 0] if sheet.shape[-1] == 1 else sheet
 
 
-def write_png(array, path):
-    """uint8 (H, W) grey or (H, W, 3) RGB → PNG, atomically."""
+def write_png(array, path, compress_level: int | None = None):
+    """uint8 (H, W) grey or (H, W, 3) RGB → PNG, atomically, with no metadata chunks. `compress_level`
+    0 stores the pixels uncompressed: every image of one shape then has the same file size."""
     from PIL import Image
 
+    options = {} if compress_level is None else {"compress_level": compress_level}
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", **options)
 
 
 def write_stack_h5(path, images, attrs: dict):
     """One stack → HDF5 dataset `images` (N, C, H, W) float32 in [-1, 1]. `attrs` become attributes
     of the dataset; dicts and lists are stored as JSON strings (e.g. `config`)."""
-    import h5py
-
     images = np.asarray(images, dtype=np.float32)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, HDF5Output(tmp) as f:
         ds = f.create_dataset(STACK_DATASET, data=images, chunks=(1, *images.shape[1:]), compression="gzip",
                               compression_opts=4, shuffle=True)
         for key, value in attrs.items():
@@ -107,8 +109,9 @@ def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intens
     ITK-SNAP and FSLeyes. With `all_channels` the result is 4-D (X, Y, stack, C), else only the first
     channel is written. Values go from [-1, 1] back to the training intensity range
     (`intensity_ranges`), float32. The affine is diag(column spacing, row spacing, slice thickness)
-    in mm, RAS, centred on the origin; the header carries no free text (empty descrip, aux_file,
-    intent_name, db_name), qform/sform code 1 (scanner), xyz units mm."""
+    in mm, RAS, centred on the origin; the header carries no free text from any input (aux_file,
+    intent_name, db_name empty; descrip is NIFTI_DESCRIPTION, which tells a viewer's user that the
+    slices are independent samples, not a patient), qform/sform code 1 (scanner), xyz units mm."""
     import nibabel as nib
 
     images = np.asarray(images, dtype=np.float32)
@@ -126,8 +129,9 @@ def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intens
     affine[:3, 3] = -(np.array(data.shape[:3]) - 1) / 2.0 * spacing  # volume centre at (0, 0, 0)
     image = nib.Nifti1Image(data, affine)
     header = image.header
-    for key in ("descrip", "aux_file", "intent_name", "db_name"):
+    for key in ("aux_file", "intent_name", "db_name"):
         header[key] = b""
+    header["descrip"] = NIFTI_DESCRIPTION
     header.set_xyzt_units(xyz="mm")
     shown = ranges[:channels]
     header["cal_min"], header["cal_max"] = min(r[0] for r in shown), max(r[1] for r in shown)  # display window

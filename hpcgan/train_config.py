@@ -46,6 +46,11 @@ class TrainConfig:
     labels: Literal["none", "mask"] = "none"  # conditional GAN: class = slice's mask has a lesion
     flip: bool = False
     num_workers: int = 0
+    # A NaN/inf loss or weight on any rank: stop every rank (exit 65, nothing non-finite checkpointed),
+    # or roll back to the newest checkpoint and go on with the next data and new latents, at most
+    # max_rollbacks times in the run before stopping.
+    nonfinite: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         if self.steps < 1:
@@ -56,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"train.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
         from hpcgan.augment import POLICIES
 
         unknown = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]

@@ -3,11 +3,14 @@
 evaluation) to the coordinator.
 
 Reproducibility contract (what makes 2 ranks equal 1 process and resume bit-exact):
-- latents come from a generator seeded by (seed, step, G or D); each step draws the latents of the
-  *global* batch and a rank takes its slice, so the sample a rank sees never depends on history;
+- latents come from a generator seeded by (seed, step, G or D, rollbacks so far); each step draws the
+  latents of the *global* batch and a rank takes its slice, so the sample a rank sees never depends on
+  history;
 - data order comes from RankSampler (seed, epoch); global batch k is the same on any world size;
 - everything else random (dropout, D input noise, DiffAugment, the gradient-penalty mix) uses the
-  per-rank torch RNG, whose state is saved for every rank in each checkpoint."""
+  per-rank torch RNG, whose state is saved for every rank in each checkpoint;
+- batch-norm running statistics stay per rank too, and each rank's own are saved: averaging them in
+  place at a checkpoint would make a run that stopped there differ from one that went on."""
 import copy
 import hashlib
 import random
@@ -32,6 +35,15 @@ from hpcgan.networks import build_discriminator, build_generator
 log = get_logger("train")
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint written, resume with --resume auto
+# EX_DATAERR: a loss or the weights went NaN/inf on some rank (poisoned data or divergence) and
+# train.nonfinite=stop (or its rollbacks ran out); nothing non-finite was checkpointed.
+EXIT_NONFINITE = 65
+# Below this the fp16 gradient scaler has overflowed step after step (2**16 halved 17 times, and
+# gradients overflow float16 even unscaled): it skips every step and nothing trains any more.
+MIN_FP16_SCALE = 1.0
+# What can go non-finite, cause first: a NaN D loss on one rank makes every rank's D weights NaN
+# (the gradient average), hence the G loss of every rank after it.
+NONFINITE_KINDS = ("loss_d", "loss_g", "weights")
 
 
 # --- small pieces ------------------------------------------------------------------------------------
@@ -75,6 +87,48 @@ def replica_digest(*modules) -> str:
 
 
 @torch.no_grad()
+def nonfinite_reason(losses: dict, networks: dict, scalers: dict):
+    """None when this rank's step is finite, else (kind, description), kind one of NONFINITE_KINDS:
+    a loss that is NaN/inf here, or "weights" (a parameter or buffer is, or the fp16 scale fell below
+    MIN_FP16_SCALE). Checked after the optimizer step: Adam turns one non-finite averaged gradient
+    into non-finite weights on every rank, and batch-norm buffers take in a poisoned batch."""
+    tensors = {name: [t for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
+               for name, net in networks.items()}
+    # A sum is NaN/inf when any term is (or past 3e38, where weights have diverged anyway): 30x faster
+    # than isfinite().all() on a CPU (35 M parameters: 50 ms, not 1.5 s), one device-to-host copy.
+    sums = [t.sum().float() for t in (*losses.values(), *(t for ts in tensors.values() for t in ts))]
+    scales = {name: s.get_scale() for name, s in scalers.items() if s is not None}
+    if bool(torch.isfinite(torch.stack(sums)).all()) and all(v >= MIN_FP16_SCALE for v in scales.values()):
+        return None
+    for name, loss in losses.items():
+        if not torch.isfinite(loss).all():
+            return name, f"{name} is {float(loss)}"
+    for name, ts in tensors.items():
+        if not all(torch.isfinite(t).all() for t in ts):
+            return "weights", f"the weights of {name} are not finite"
+    name, scale = min(scales.items(), key=lambda item: item[1])
+    return "weights", f"the fp16 gradient scale of {name} fell to {scale:g} (every step overflows)"
+
+
+def own_buffers(module) -> dict:
+    """This rank's floating-point buffers that `module` saves (batch-norm running statistics)."""
+    state = module.state_dict()
+    return {name: b for name, b in module.named_buffers() if b.is_floating_point() and name in state}
+
+
+@torch.no_grad()
+def restore_own_buffers(state: dict, rank: int, world: int, G, D):
+    """This rank's own batch-norm statistics from a checkpoint of the same world size; otherwise every
+    rank keeps the mean over the old ranks that G and D were saved with."""
+    saved = state.get("rank_buffers") or []
+    if state.get("world_size") != world or rank >= len(saved):
+        return
+    for net, key in ((G, "G"), (D, "D")):
+        for name, buffer in own_buffers(net).items():
+            buffer.copy_(saved[rank][key][name])
+
+
+@torch.no_grad()
 def update_ema(G_ema, G, decay):
     for p_ema, p in zip(G_ema.parameters(), G.parameters()):
         p_ema.lerp_(p, 1.0 - decay)
@@ -111,6 +165,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    rollbacks: int = 0  # train.nonfinite=rollback: each one shifts the latent streams
     sums: dict = field(default_factory=dict)  # metric sums since the last log line
     count: int = 0
     data_wait_s: float = 0.0  # since the last log line
@@ -131,8 +186,9 @@ class Progress:
 
 # --- the loop ----------------------------------------------------------------------------------------
 def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_state: dict | None = None) -> int:
-    """Run `cfg.train.steps` steps (from a resumed state if given). Returns 0, or EXIT_REQUEUE when a
-    preemption signal stopped the run after a checkpoint. `coordinator` is given on rank 0 only."""
+    """Run `cfg.train.steps` steps (from a resumed state if given). Returns 0, EXIT_REQUEUE when a
+    preemption signal stopped the run after a checkpoint, or EXIT_NONFINITE when NaN/inf stopped it
+    (train.nonfinite). `coordinator` is given on rank 0 only."""
     rank, world, device = backend.rank, backend.world_size, backend.device
     tc, lc = cfg.train, cfg.loss
     batch, global_batch = tc.batch_size, tc.batch_size * world
@@ -165,12 +221,16 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
         backend.broadcast_module(D)
         if G_ema is not None:
             G_ema.load_state_dict(G.state_dict())
+    # What samples (grids, evaluation): G-EMA, or without EMA a copy of G that sync_buffers refreshes.
+    G_sampling = G_ema if G_ema is not None else copy.deepcopy(G).eval().requires_grad_(False)
     sampler.set_epoch(p.epoch, p.batch_in_epoch)
     batches = iter(loader)  # draws from the torch RNG: before the RNG state is set below
     if resume_state is not None and rank < len(resume_state["rng"]):
         restore_rng_state(resume_state["rng"][rank])
     else:
         seed_rank(tc.seed, rank, p.step)
+    if resume_state is not None:
+        restore_own_buffers(resume_state, rank, world, G, D)
 
     augment = (lambda x: diff_augment(x, tc.diffaugment)) if tc.diffaugment else (lambda x: x)
 
@@ -180,23 +240,32 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
     amp = lambda: autocast_for(tc.amp, device)  # noqa: E731
     flag = PreemptionFlag()
     if coordinator:
-        coordinator.start(p.step, G_ema or G, fixed_grid_latents(tc.seed, cfg.log.grid_size, cfg.model.latent_dim,
+        coordinator.start(p.step, G_sampling, fixed_grid_latents(tc.seed, cfg.log.grid_size, cfg.model.latent_dim,
                                                                   num_classes, device))
 
-    def sync_buffers():
+    def sync_buffers() -> dict:
         """Collective. Batch-norm statistics are per rank while training (they do not enter the
-        gradients); before anything is saved or sampled they become the mean over ranks, identical
-        everywhere (a broadcast from rank 0 would keep only rank 0's data)."""
-        backend.average_buffers(G)
-        backend.average_buffers(D)
-        if G_ema is not None:
-            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-                b_ema.copy_(b)
+        gradients) and each rank keeps its own, so that a resumed rank continues exactly where it was.
+        What is saved as G and D, and what samples, has their mean over ranks, identical everywhere (a
+        broadcast from rank 0 would keep only rank 0's data). Returns those {"G": ..., "D": ...} states."""
+        states = {}
+        for name, net in (("G", G), ("D", D)):
+            mean = backend.averaged_buffers(net)
+            states[name] = {k: mean.get(k, v) for k, v in net.state_dict().items()}
+        if G_ema is None:
+            G_sampling.load_state_dict(states["G"])
+        else:  # G-EMA takes G's statistics at every G step anyway: the mean can go in place
+            with torch.no_grad():
+                for name, buffer in G_ema.named_buffers():
+                    if name in states["G"]:
+                        buffer.copy_(states["G"][name])
+        return states
 
     def snapshot():
         """Everything a bit-exact resume needs. Collective: every rank calls it."""
-        sync_buffers()
-        gathered = backend.gather_object({"rng": capture_rng_state(), "replica": replica_digest(G, D)})
+        states = sync_buffers()
+        gathered = backend.gather_object({"rng": capture_rng_state(), "replica": replica_digest(G, D),
+                                          "buffers": {"G": own_buffers(G), "D": own_buffers(D)}})
         digests = [g["replica"] for g in gathered]
         if len(set(digests)) != 1:  # data parallelism's invariant: every rank holds the same weights
             raise HpcganError(f"step {p.step}: the ranks' weights have drifted apart (digests {digests}); "
@@ -206,10 +275,12 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
             return None
         return {"hpcgan_version": __version__, "config": to_dict(cfg), "dataset": dataset_info(manifest),
                 "step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "world_size": world,
-                "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict() if G_ema else None,
+                "G": states["G"], "D": states["D"], "rank_buffers": [g["buffers"] for g in gathered],
+                "G_ema": G_ema.state_dict() if G_ema else None,
                 "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
                 "scaler_G": scaler_G.state_dict() if scaler_G else None,
-                "scaler_D": scaler_D.state_dict() if scaler_D else None, "rng": rngs, "replica_digest": digests[0]}
+                "scaler_D": scaler_D.state_dict() if scaler_D else None, "rng": rngs, "replica_digest": digests[0],
+                "rollbacks": p.rollbacks}
 
     exit_code = 0
     while p.step < tc.steps:
@@ -227,8 +298,8 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
         p.data_wait_s += time.perf_counter() - t0
 
         # --- D step: fakes without a graph through G, one backward for real + fake + penalty ---
-        z, fake_labels = latent_slice(tc.seed, p.step, 0, global_batch, cfg.model.latent_dim, num_classes,
-                                      rank, batch, device)
+        z, fake_labels = latent_slice(tc.seed, p.step, 2 * p.rollbacks, global_batch, cfg.model.latent_dim,
+                                      num_classes, rank, batch, device)
         with torch.no_grad(), amp():
             fake = G(z, fake_labels)
         with amp():
@@ -239,12 +310,13 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
         if lc.type == "wgan":
             clip_weights_(D, lc.clip_value)
         stats = {"loss_d": loss_D.detach(), **stats}
+        losses = {"loss_d": stats["loss_d"]}
 
         # --- G step every n_critic steps, D frozen so its gradient hooks stay silent ---
         if (p.step + 1) % lc.n_critic == 0:
             D.requires_grad_(False)
-            z, fake_labels = latent_slice(tc.seed, p.step, 1, global_batch, cfg.model.latent_dim, num_classes,
-                                          rank, batch, device)
+            z, fake_labels = latent_slice(tc.seed, p.step, 2 * p.rollbacks + 1, global_batch,
+                                          cfg.model.latent_dim, num_classes, rank, batch, device)
             with amp():
                 loss_G, g_stats = g_loss(lc, D_aug, G(z, fake_labels), fake_labels)
             opt_G.zero_grad()  # torch >= 2.0: grads set to None
@@ -254,14 +326,29 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
             if G_ema is not None:
                 update_ema(G_ema, G, min(tc.ema_decay, (1 + p.step) / (10 + p.step)))
             stats.update(loss_g=loss_G.detach(), **g_stats)
+            losses["loss_g"] = stats["loss_g"]
         p.add(stats)
         p.step += 1
         p.batch_in_epoch += 1
 
-        # --- agreement: one small collective per step (preemption anywhere, checkpoint clock on rank 0) ---
+        # --- agreement: one small collective per step (preemption anywhere, checkpoint clock on rank 0,
+        # non-finite numbers anywhere: one slot per kind holding world - rank, so the max names the
+        # lowest rank that saw it) ---
+        if coordinator:
+            coordinator.checkpoints.raise_if_failed()  # a failed write stops the job now (MPI abort)
+        bad = nonfinite_reason(losses, {"G": G, "D": D}, {"G": scaler_G, "D": scaler_D})
         agreed = torch.tensor([float(flag.signum is not None),
-                               float(bool(coordinator and coordinator.checkpoint_due_by_time()))])
-        preempt, timed_checkpoint = (bool(v) for v in backend.allreduce_(agreed, "max").tolist())
+                               float(bool(coordinator and coordinator.checkpoint_due_by_time())),
+                               *(float(world - rank) if bad and bad[0] == kind else 0.0 for kind in NONFINITE_KINDS)])
+        preempt, timed_checkpoint, *nonfinite = backend.allreduce_(agreed, "max").tolist()
+        preempt, timed_checkpoint = bool(preempt), bool(timed_checkpoint)
+        if any(nonfinite):
+            reporter = world - int(next(v for v in nonfinite if v))  # of the first kind: the cause
+            if not _recover_from_nonfinite(cfg, p, backend, coordinator, bad if rank == reporter else None,
+                                           G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, sampler):
+                exit_code = EXIT_NONFINITE
+                break
+            continue
         done = p.step == tc.steps
 
         if p.step % cfg.log.every_steps == 0 or done:
@@ -273,11 +360,11 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
         if cfg.log.sample_every_steps and p.step % cfg.log.sample_every_steps == 0:
             sync_buffers()
             if coordinator:
-                coordinator.save_grid(p.step, G_ema or G)
+                coordinator.save_grid(p.step, G_sampling)
         eval_results = None
         if cfg.eval.every_steps and (p.step % cfg.eval.every_steps == 0 or done):
             sync_buffers()
-            eval_results = evaluate_during_training(cfg, G_ema or G, backend, coordinator, p.step)
+            eval_results = evaluate_during_training(cfg, G_sampling, backend, coordinator, p.step)
         ce = cfg.checkpoint.every_steps
         if preempt or done or timed_checkpoint or (ce and p.step % ce == 0):
             state = snapshot()
@@ -289,7 +376,8 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
             exit_code = EXIT_REQUEUE
             break
     if coordinator:
-        coordinator.finish(p.step, G_ema or G, preempted=exit_code == EXIT_REQUEUE)
+        coordinator.finish(p.step, G_sampling, preempted=exit_code == EXIT_REQUEUE,
+                           nonfinite=exit_code == EXIT_NONFINITE)
     if exit_code != EXIT_REQUEUE:
         # After a preemption the handlers stay: srun sends SIGTERM to the other ranks once the first
         # one exits 75, and that must not turn their orderly exit into a 143.
@@ -340,6 +428,40 @@ def dataset_info(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in keys}
 
 
+def _recover_from_nonfinite(cfg, p, backend, coordinator, bad, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D,
+                            sampler) -> bool:
+    """Collective, once every rank has agreed that step `p.step` went non-finite somewhere; `bad` is
+    this rank's (kind, description) on the one rank that reports it, None elsewhere. Returns False to
+    stop. With train.nonfinite=rollback (and rollbacks left) every rank reloads the newest valid
+    checkpoint and returns True: the data stays where it is (the batches since that checkpoint, the
+    failed one included, are not seen again) and the latents move to new streams, so the run does not
+    walk into the same failure."""
+    tc = cfg.train
+    rolling_back = tc.nonfinite == "rollback" and p.rollbacks < tc.max_rollbacks
+    if bad is not None:
+        if rolling_back:
+            action = f"rolling back to the newest checkpoint (rollback {p.rollbacks + 1} of {tc.max_rollbacks})"
+        else:
+            gave_up = f"giving up after {p.rollbacks} rollback(s); " if tc.nonfinite == "rollback" else ""
+            action = f"{gave_up}stopping every rank without a checkpoint (exit {EXIT_NONFINITE})"
+        log.error("step %d: %s on rank %d: %s", p.step, bad[1], backend.rank, action)
+    if not rolling_back:
+        return False
+    state = backend.broadcast_object(coordinator.rollback(p.step, p.rollbacks + 1) if coordinator else None)
+    if state is None:
+        if coordinator:
+            log.error("step %d: no checkpoint to roll back to; stopping every rank (exit %d)", p.step, EXIT_NONFINITE)
+        return False
+    position, rollbacks = (p.epoch, p.batch_in_epoch), p.rollbacks + 1
+    _load_state(state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler, tc, backend.world_size)
+    (p.epoch, p.batch_in_epoch), p.rollbacks = position, rollbacks
+    if backend.rank < len(state["rng"]):
+        restore_rng_state(state["rng"][backend.rank])
+    restore_own_buffers(state, backend.rank, backend.world_size, G, D)
+    p.take()  # the abandoned steps' loss sums
+    return True
+
+
 def _load_state(state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler, tc, world):
     G.load_state_dict(state["G"])
     D.load_state_dict(state["D"])
@@ -351,6 +473,7 @@ def _load_state(state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler
         if scaler is not None and state.get(key):
             scaler.load_state_dict(state[key])
     p.step, p.epoch, p.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    p.rollbacks = state.get("rollbacks", 0)
     old_global = state["config"]["train"]["batch_size"] * state["world_size"]
     if old_global != tc.batch_size * world:
         # A different world size (or batch): keep the number of samples already seen in this epoch.

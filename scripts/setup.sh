@@ -5,7 +5,9 @@
 # What it does, in order:
 #   1. MPI: uses the mpicc/mpirun on PATH; only if none is found and we are root, installs
 #      Debian's openmpi-bin + libopenmpi-dev. Otherwise it stops and says how to load a module.
-#   2. As root on Debian/Ubuntu, also: cmake and g++ (to build Horovod), mricron-data (Colin27 MRI).
+#   2. As root on Debian/Ubuntu, also: cmake and g++ (to build Horovod), shellcheck (lint),
+#      mricron-data (Colin27 MRI), chromium + chromium-driver (the Turing-test page's browser test);
+#      HPCGAN_DEV_TOOLS=0 (images) leaves out these test tools (shellcheck, chromium) and the `test` extra.
 #   3. A virtual environment in .venv with torch (kept if already there, e.g. a CUDA build you
 #      installed yourself; else $HPCGAN_TORCH, default torch==2.13.0), mpi4py built against the
 #      MPI on PATH, and hpcgan with its dependencies.
@@ -23,6 +25,8 @@ TORCH_SPEC=${HPCGAN_TORCH:-torch==2.13.0}
 HOROVOD_VERSION=0.28.1
 HOROVOD_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
 PY=${PYTHON:-python3}
+# 1 (default): also what the tests need (shellcheck, chromium, pytest...); containers/install.sh sets 0.
+DEV_TOOLS=${HPCGAN_DEV_TOOLS:-1}
 
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -50,6 +54,15 @@ fi
 if [ ! -f /usr/share/mricron/templates/ch2.nii.gz ]; then
   apt_install mricron-data || say "mricron-data not installed (not root or no apt): sample data will have no Colin27"
 fi
+if [ "$DEV_TOOLS" = 1 ]; then
+  if ! have shellcheck; then  # `make lint` and the test that every shell script is clean
+    apt_install shellcheck || say "shellcheck not installed (not root or no apt): the shell-script lint test is skipped"
+  fi
+  if ! have chromium || ! have chromedriver; then  # tests/test_turing_test.py reads the reader page in it
+    apt_install chromium chromium-driver ||
+      say "chromium not installed (not root or no apt): the browser test of the Turing-test page is skipped"
+  fi
+fi
 MPI_VERSION=$(mpirun --version 2>&1 | head -1 | tr -cs 'A-Za-z0-9.' '-' | sed 's/-$//')
 
 # --- 3. virtual environment ----------------------------------------------------------------
@@ -70,7 +83,9 @@ fi
 pip install wheel "setuptools>=64" packaging
 "$VPY" -c 'import mpi4py' 2>/dev/null || { say "building mpi4py against $(command -v mpicc)"; pip install --no-binary mpi4py mpi4py; }
 say "installing hpcgan and its dependencies"
-pip install -e "$ROOT[test,sample-data]"
+extras=sample-data
+[ "$DEV_TOOLS" = 0 ] || extras=test,$extras
+pip install -e "${ROOT}[$extras]"
 
 # --- 4. Horovod ----------------------------------------------------------------------------
 read -r TORCH_VERSION CUDA_VERSION PY_TAG < <("$VPY" -c 'import sys, torch; print(torch.__version__.split("+")[0], torch.version.cuda or "cpu", f"py{sys.version_info[0]}{sys.version_info[1]}")')
@@ -90,7 +105,8 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$f"
   done
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
-  export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)"
+  MAKEFLAGS="-j$(nproc)"
+  export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS
   if [ "$CUDA_VERSION" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
   pip wheel --no-deps --no-build-isolation -w "$BUILD/wheel" "$SRC"
   mkdir -p "$WHEEL_DIR"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by every slurm/*.sbatch script (sourced, not run): how hpcgan is found and launched.
 # Every site-specific value is an environment variable with a default that runs on a plain
 # single-node Slurm; they are all explained in slurm/README.md.
@@ -11,10 +12,22 @@
 #   HPCGAN_CONTAINER  an Apptainer/Singularity image: run hpcgan inside it (hybrid MPI model)
 #   HPCGAN_CONTAINER_ARGS options for `apptainer exec` (default: --nv, i.e. the host's GPU driver)
 #   HPCGAN_LOGS       directory for the per-rank logs (default: logs, relative to the submit dir)
+#   HPCGAN_NODES      nodes a multi-rank job must have (default: 1; pipeline.sh asks sbatch for them)
 #
 # Relative paths in any HPCGAN_* variable are relative to the directory you submit from.
 
 hpcgan_die() { echo "hpcgan slurm: error: $*" >&2; exit 2; }
+
+hpcgan_count() {  # hpcgan_count NAME VALUE: die unless VALUE is a whole number >= 1
+  [[ $2 =~ ^[1-9][0-9]*$ ]] || hpcgan_die "$1=$2: expected a whole number >= 1"
+}
+
+hpcgan_check_nodes() {  # in a multi-node step's job: die unless it got the HPCGAN_NODES nodes asked for
+  local want=${HPCGAN_NODES:-1} have=${SLURM_JOB_NUM_NODES:-1}
+  hpcgan_count HPCGAN_NODES "$want"
+  [ "$want" -le "$have" ] || hpcgan_die "HPCGAN_NODES=$want but job ${SLURM_JOB_ID:-?} has $have node(s)" \
+    "(${SLURM_JOB_NODELIST:-?}): submit it with sbatch --nodes=$want (slurm/pipeline.sh does)"
+}
 
 hpcgan_abs() {  # hpcgan_abs PATH: absolute, without needing PATH to exist
   case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac
@@ -81,10 +94,10 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
       echo "per-rank logs: $HPCGAN_LOGS/$tag.step*.rank*.log" ;;
     mpirun)
       # mpirun takes its slots from the allocation; Open MPI writes DIR/1/rank.N/{stdout,stderr}.
-      # shellcheck disable=SC2206
       # One directory per command and run of the job (a requeued job runs again).
-      local dir="$HPCGAN_LOGS/$tag.$1.run${SLURM_RESTART_COUNT:-0}"
-      launcher=(mpirun -np "$ntasks" ${HPCGAN_MPIRUN_ARGS:---bind-to none} --output-filename "$dir")
+      local dir="$HPCGAN_LOGS/$tag.$1.run${SLURM_RESTART_COUNT:-0}" mpirun_args
+      read -ra mpirun_args <<<"${HPCGAN_MPIRUN_ARGS:---bind-to none}"  # a list of options
+      launcher=(mpirun -np "$ntasks" "${mpirun_args[@]}" --output-filename "$dir")
       echo "per-rank logs: $dir/1/rank.*/" ;;
     *) hpcgan_die "HPCGAN_LAUNCHER=${HPCGAN_LAUNCHER}: use srun or mpirun" ;;
   esac
@@ -106,8 +119,34 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
   if [ "$rc" -ne 0 ] && [ "$rc" -ne "$HPCGAN_EXIT_REQUEUE" ]; then
     echo "hpcgan slurm: hpcgan $1 exited with code $rc; the end of each rank's log:" >&2
     tail -n 3 "$HPCGAN_LOGS/$tag".step*.rank*.log "$HPCGAN_LOGS/$tag.$1".run*/1/rank.*/std* >&2 2>/dev/null || true
+    hpcgan_lost_nodes
   fi
   return "$rc"
+}
+
+hpcgan_lost_nodes() {  # after a failed step of a multi-node job: name the nodes whose slurmd no longer answers
+  [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] || return 0
+  local port item node i count rank=0 counts=() items=()
+  port=$(scontrol show config 2>/dev/null | sed -n 's/^SlurmdPort *= *//p')
+  # Ranks go to the nodes in blocks; SLURM_TASKS_PER_NODE="2(x3),1" means 2 on each of 3 nodes, then 1.
+  IFS=, read -ra items <<<"${SLURM_TASKS_PER_NODE:-}"
+  for item in "${items[@]}"; do
+    if [[ $item =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+      for ((i = 0; i < BASH_REMATCH[2]; i++)); do counts+=("${BASH_REMATCH[1]}"); done
+    else
+      counts+=("$item")
+    fi
+  done
+  i=0
+  while read -r node; do
+    count=${counts[i]:-1}
+    if ! timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2"' probe "$node" "${port:-6818}" 2>/dev/null; then
+      echo "hpcgan slurm: error: node $node (rank$([ "$count" -gt 1 ] && echo "s $rank-$((rank + count - 1))" || echo " $rank"))" \
+        "does not answer: it was lost; resubmit with the same HPCGAN_RUN: --resume auto continues from the last" \
+        "checkpoint, on fewer nodes if need be" >&2
+    fi
+    rank=$((rank + count)) i=$((i + 1))
+  done < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 }
 
 hpcgan_finish() {  # hpcgan_finish RC: exit RC, but requeue this job when hpcgan stopped for a preemption

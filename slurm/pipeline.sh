@@ -29,35 +29,55 @@ export HPCGAN_ROOT
 source "$HPCGAN_ROOT/slurm/common.sh"
 
 # Absolute paths, exported so that every job sees the same ones whatever its working directory.
-export HPCGAN_INPUT=$(hpcgan_abs "${HPCGAN_INPUT:-data/raw}")
-export HPCGAN_DATA=$(hpcgan_abs "${HPCGAN_DATA:-data/dataset}")
-export HPCGAN_RUN=$(hpcgan_abs "${HPCGAN_RUN:-runs/train}")
-export HPCGAN_SAMPLES=$(hpcgan_abs "${HPCGAN_SAMPLES:-$HPCGAN_RUN/samples}")
-export HPCGAN_REPORT=$(hpcgan_abs "${HPCGAN_REPORT:-$HPCGAN_RUN/evaluation.json}")
-export HPCGAN_SWEEP_DIR=$(hpcgan_abs "${HPCGAN_SWEEP_DIR:-runs/sweep}")
+HPCGAN_INPUT=$(hpcgan_abs "${HPCGAN_INPUT:-data/raw}")
+HPCGAN_DATA=$(hpcgan_abs "${HPCGAN_DATA:-data/dataset}")
+HPCGAN_RUN=$(hpcgan_abs "${HPCGAN_RUN:-runs/train}")
+HPCGAN_SAMPLES=$(hpcgan_abs "${HPCGAN_SAMPLES:-$HPCGAN_RUN/samples}")
+HPCGAN_REPORT=$(hpcgan_abs "${HPCGAN_REPORT:-$HPCGAN_RUN/evaluation.json}")
+HPCGAN_SWEEP_DIR=$(hpcgan_abs "${HPCGAN_SWEEP_DIR:-runs/sweep}")
+export HPCGAN_INPUT HPCGAN_DATA HPCGAN_RUN HPCGAN_SAMPLES HPCGAN_REPORT HPCGAN_SWEEP_DIR
 export HPCGAN_LOGS HPCGAN_VENV
 
 # Site options for every job (partition, account, QOS...) and the GPU layout of the GPU jobs.
 # shellcheck disable=SC2206  # option lists
 common=(--parsable --kill-on-invalid-dep=yes --output="$HPCGAN_LOGS/%x-%j.out" ${HPCGAN_SBATCH_ARGS:-})
-gpu=() one_gpu=()
-if [ "${HPCGAN_GPUS_PER_NODE:-0}" -gt 0 ]; then  # one task per GPU
-  gpu=(--gpus-per-node="$HPCGAN_GPUS_PER_NODE" --ntasks-per-node="$HPCGAN_GPUS_PER_NODE")
+# The multi-rank steps (preprocess, train, sweep) span HPCGAN_NODES nodes (HPCGAN_NODELIST: which ones)
+# with HPCGAN_TASKS_PER_NODE ranks on each (default: one per GPU, or the scripts' #SBATCH line).
+hpcgan_count HPCGAN_NODES "${HPCGAN_NODES:=1}"
+export HPCGAN_NODES  # each job checks that it got them (hpcgan_check_nodes)
+[ -z "${HPCGAN_TASKS_PER_NODE:-}" ] || hpcgan_count HPCGAN_TASKS_PER_NODE "$HPCGAN_TASKS_PER_NODE"
+nodes=(--nodes="$HPCGAN_NODES" ${HPCGAN_NODELIST:+--nodelist="$HPCGAN_NODELIST"})
+gpu=("${nodes[@]}") one_gpu=()
+if [ "${HPCGAN_GPUS_PER_NODE:-0}" -gt 0 ]; then
+  gpu+=(--gpus-per-node="$HPCGAN_GPUS_PER_NODE" --ntasks-per-node="${HPCGAN_TASKS_PER_NODE:-$HPCGAN_GPUS_PER_NODE}")
   one_gpu=(--gpus-per-task=1)
+elif [ -n "${HPCGAN_TASKS_PER_NODE:-}" ]; then
+  gpu+=(--ntasks-per-node="$HPCGAN_TASKS_PER_NODE")
 fi
-gpu+=(--nodes="${HPCGAN_NODES:-1}")
+nodes+=(${HPCGAN_TASKS_PER_NODE:+--ntasks-per-node="$HPCGAN_TASKS_PER_NODE"})
 
 after=()
 submit() {  # submit STEP [SBATCH_OPTIONS...] SCRIPT [ARGS...]: sets $job, chained after the previous job
   local step=$1; shift
-  job=$(sbatch "${common[@]}" "${after[@]}" "$@")
+  # A refused submission (more nodes than the partition has, an unknown node in HPCGAN_NODELIST,
+  # a bad partition or account) is a configuration error: sbatch's reason on one line, exit 2.
+  local errors
+  errors=$(mktemp)
+  if ! job=$(sbatch "${common[@]}" "${after[@]}" "$@" 2>"$errors"); then
+    local reason
+    reason=$(sed 's/^sbatch: error: //' "$errors" | tr '\n' ' ')
+    reason=${reason% }
+    rm -f "$errors"
+    hpcgan_die "sbatch refused the $step job (HPCGAN_NODES=$HPCGAN_NODES${HPCGAN_NODELIST:+ HPCGAN_NODELIST=$HPCGAN_NODELIST}): $reason"
+  fi
+  rm -f "$errors"
   echo "submitted $step: job $job${after:+ (${after[*]})}"
   after=(--dependency="afterok:$job")
 }
 
 # shellcheck disable=SC2086  # HPCGAN_*_ARGS are option lists
 if [ "$preprocess" = 1 ]; then
-  submit preprocess "$HPCGAN_ROOT/slurm/preprocess.sbatch" ${HPCGAN_PREPROCESS_ARGS:-}
+  submit preprocess "${nodes[@]}" "$HPCGAN_ROOT/slurm/preprocess.sbatch" ${HPCGAN_PREPROCESS_ARGS:-}
 fi
 if [ -n "$grid" ]; then
   hpcgan_command

@@ -1,4 +1,6 @@
 """Shared test fixtures: real mpirun launches with a timeout, real brain MRI sample data."""
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,14 +29,32 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
+def kill_job(pid: int):
+    """SIGKILL a command started with start_new_session=True, its process group and every process
+    below it. Open MPI puts each rank in a process group of its own: killing mpirun's group alone
+    leaves the ranks running (and writing to the run directory) until they notice."""
+    import psutil
+
+    try:
+        below = psutil.Process(pid).children(recursive=True)  # before the kill re-parents them
+    except psutil.NoSuchProcess:
+        below = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(below, timeout=30)
+
+
 def run_cmd(cmd, timeout=300, env=None, cwd=None, check=False):
-    """Run a command in its own process group; on timeout kill the whole group and fail."""
+    """Run a command in its own session; on timeout kill it with every process below it and fail."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -63,7 +84,37 @@ def run_python_mpi(np, script, *args, timeout=300, env=None, check=False):
                    env=mpi_env(env), check=check)
 
 
+@pytest.fixture
+def warnings_of_hpcgan(caplog):
+    """The hpcgan logger may not propagate (setup_logging), so listen on it directly."""
+    logger = logging.getLogger("hpcgan")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="hpcgan")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 requires_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not on PATH")
+
+
+PHI_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")  # a NIfTI header's free-text fields
+
+
+def write_phi_laden_copy(sample_data: Path, dest: Path, secret: bytes = b"SECRET_John_Doe") -> Path:
+    """The sample brains (t1 and seg) under DEST/<subject>/, with `secret` in every free-text header
+    field: a source that must leave no trace in anything derived from it."""
+    import nibabel as nib
+    import numpy as np
+
+    for subject in ("colin27", "mni152"):
+        (dest / subject).mkdir(parents=True)
+        for modality in ("t1", "seg"):
+            image = nib.load(sample_data / subject / f"{subject}_{modality}.nii.gz")
+            image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
+            for field in PHI_FIELDS:
+                image.header[field] = secret
+            nib.save(image, dest / subject / f"{subject}_{modality}.nii.gz")
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +134,55 @@ def sample_dataset(sample_data, tmp_path_factory) -> Path:
                "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64", "--shards", "2",
                "--val-fraction", "0.5", check=True, timeout=300)
     return out
+
+
+class TinyExtractor(torch.nn.Module):
+    """Stands in for InceptionV3 to prove the FID/KID plumbing: (N, 3, 299, 299) → (N, 8) features."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # 12 values
+        return torch.cat([pooled[:, :4], x.std(dim=(1, 2, 3))[:, None], x.mean(dim=(1, 2, 3))[:, None],
+                          (x > 0).float().mean(dim=(1, 2, 3))[:, None], x.amax(dim=(1, 2, 3))[:, None]], dim=1)
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory) -> Path:
+    """TinyExtractor saved as TorchScript, the file `--fid-weights` takes."""
+    import warnings
+
+    path = tmp_path_factory.mktemp("fid") / "tiny-extractor.pt"
+    with warnings.catch_warnings():  # torch >= 2.9 calls TorchScript deprecated; it still saves and loads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyExtractor()).save(str(path))
+    return path
+
+
+@pytest.fixture
+def cli_in_process():
+    """hpcgan.cli.main, run in this process: it sets up the hpcgan logger on the captured stderr, which
+    is put back afterwards."""
+    import logging
+
+    from hpcgan.cli import main
+
+    logger = logging.getLogger("hpcgan")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield main
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+# Figures that tests measure (image size, time to detect a dead node, cross-node bytes...), printed in
+# a section at the end of the run, so that CI's log shows them.
+_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report_figure():
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

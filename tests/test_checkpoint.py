@@ -1,15 +1,18 @@
 """Checkpoint format, background writer, rotation, validation and loading (hpcgan.checkpoint)."""
 import datetime
 import json
-import logging
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from hpcgan.checkpoint import (FORMAT, CheckpointWriter, capture_rng_state, find_latest_valid, load_checkpoint,
                                resolve_checkpoint, restore_rng_state, to_host)
 from hpcgan.errors import HpcganError, UsageError
@@ -23,16 +26,6 @@ def small_state(step=0):
     opt.step()
     return {"step": step, "config": {"model": {"arch": "x"}}, "G": model.state_dict(), "opt_G": opt.state_dict(),
             "rng": [capture_rng_state()], "scaler": None}
-
-
-@pytest.fixture
-def warnings_of_hpcgan(caplog):
-    """The hpcgan logger may not propagate (setup_logging), so listen on it directly."""
-    logger = logging.getLogger("hpcgan")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger="hpcgan")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def draws():
@@ -165,7 +158,7 @@ def test_write_error_surfaces_at_flush_and_leaves_nothing_half_written(tmp_path,
 
     monkeypatch.setattr(torch, "save", failing_save)
     writer.submit(small_state(1), 1)
-    with pytest.raises(HpcganError, match=r"ckpt-00000001\.pt: writing the checkpoint failed: No space left"):
+    with pytest.raises(HpcganError, match=r"ckpt-00000001\.pt: no space left on device; the earlier checkpoints"):
         writer.flush()
     writer.flush()  # raised once, then cleared
     assert list(d.iterdir()) == []  # no checkpoint, no temp file, no index
@@ -217,3 +210,57 @@ def test_resuming_from_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_pa
     assert (d / "latest").read_text().strip() == "ckpt-00000015.pt"
     assert (d / "best").read_text().strip() == "ckpt-00000010.pt"
     assert find_latest_valid(d) == d / "ckpt-00000015.pt"
+
+
+def test_a_new_writer_removes_what_a_killed_write_left(tmp_path):
+    d = tmp_path / "checkpoints"
+    writer = CheckpointWriter(d, keep_last=5)
+    for step in (1, 2):
+        writer.submit(small_state(step), step)
+    writer.close()
+    # A process killed inside atomic_path leaves its temp file: the real name, from a real SIGKILL.
+    killed = ("import os, signal, sys\nfrom hpcgan.io import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n"
+              "    open(tmp, 'wb').write(b'PK' * 1000)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", killed, str(d / "ckpt-00000003.pt")], cwd=REPO)
+    assert result.returncode == -signal.SIGKILL
+    temps = [p.name for p in d.iterdir() if p.name.startswith(".ckpt-00000003.pt.")]
+    assert len(temps) == 1
+    # A kill between the rename and the index update leaves a checkpoint that no index lists.
+    shutil.copy(d / "ckpt-00000002.pt", d / "ckpt-00000004.pt")
+    assert find_latest_valid(d) == d / "ckpt-00000002.pt"  # the index decides
+    CheckpointWriter(d, keep_last=5)
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoints.json", "ckpt-00000001.pt", "ckpt-00000002.pt",
+                                                   "latest"]
+    # Without a readable index no checkpoint file is known to be garbage: all stay.
+    (d / "checkpoints.json").write_text("{torn")
+    CheckpointWriter(d, keep_last=5)
+    assert sorted(p.name for p in d.glob("ckpt-*.pt")) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+
+
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """The fp16 loss scalers (scale, growth tracker) come back exactly, so a resumed run skips and
+    grows on the same steps. (fp16 training needs CUDA; the scaler's bookkeeping is the same on the CPU.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+
+    def step(scaler, loss_factor=1.0):
+        opt.zero_grad()
+        scaler.scale(model(torch.ones(2, 4)).sum() * loss_factor).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for factor in (1.0, float("inf"), 1.0, 1.0):  # one overflow halves the scale, then growth counts
+        step(scaler, factor)
+    writer = CheckpointWriter(tmp_path)
+    writer.submit({"scaler_G": scaler.state_dict()}, 4)
+    writer.close()
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(load_checkpoint(tmp_path)["scaler_G"])
+    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0 ** 7
+    step(scaler)
+    step(restored)
+    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0 ** 8  # grew on the same step

@@ -8,10 +8,13 @@ import json
 
 import h5py
 import nibabel as nib
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import REPO, mpi_env, requires_mpirun, run_cmd
 from hpcgan.checkpoint import find_latest_valid, load_checkpoint
+from hpcgan.stacks import contact_sheet
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, requires_mpirun]
 
@@ -28,9 +31,11 @@ def test_demo_runs_the_pipeline_and_reruns_cleanly(tmp_path):
     assert (state["step"], state["world_size"]) == (300, 2)
     for k in range(2):
         with h5py.File(demo / "samples" / f"stack-{k:05d}.h5") as f:
-            assert f["images"].shape == (100, 1, 64, 64)
+            images = f["images"][:]
+        assert images.shape == (100, 1, 64, 64)
         assert nib.load(demo / "samples" / f"stack-{k:05d}.nii.gz").shape == (64, 64, 100)
-        assert (demo / "samples" / f"stack-{k:05d}.png").stat().st_size > 0
+        with Image.open(demo / "samples" / f"stack-{k:05d}.png") as im:  # the stack's 10x10 contact sheet
+            assert np.array_equal(np.asarray(im), contact_sheet(images, nrow=10))
     evaluation = json.loads((demo / "samples" / "evaluation.json").read_text())
     assert {"swd", "msssim", "intensity", "memorization"} <= set(evaluation["metrics"])
     assert (demo / "run" / "report.html").exists()

@@ -103,7 +103,8 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 
 # --- launch environment -----------------------------------------------------------------------------
 def test_launch_env_reads_each_launcher():
-    assert launch_env({}) == (0, 1, 0) or launch_env({}).world_size == 1
+    alone = launch_env({})  # no launcher: a single process
+    assert (alone.rank, alone.world_size, alone.local_rank) == (0, 1, 0)
     assert launch_env({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
                        "OMPI_COMM_WORLD_LOCAL_RANK": "1"}).local_rank == 1
     env = launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"})

@@ -9,7 +9,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi
+from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi, write_phi_laden_copy
 
 from hpcgan.preprocess.command import assign_shards, shards_of_rank, split_subjects
 
@@ -217,6 +217,29 @@ def test_config_file_with_flags_overriding(sample_data, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+# ---------------------------------------------------------------- finding the input
+
+
+def test_symlinked_subject_folders_are_followed_and_loops_end(sample_data, tmp_path):
+    """data/raw/<subject> linking to a shared copy, as on a cluster's project space; a link back
+    to a parent and one inside a linked folder make loops (glob's `**` never returns on them)."""
+    shared = make_cohort(tmp_path / "project" / "cohort", sample_data, modalities=("t1",))
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for subject in ("colin27", "mni152"):
+        (raw / subject).symlink_to(shared / subject, target_is_directory=True)
+    (raw / "loop").symlink_to(raw.parent, target_is_directory=True)
+    (shared / "mni152" / "up").symlink_to(shared, target_is_directory=True)
+    args = (*SMALL, "--val-fraction", "0")
+    assert preprocess(shared, tmp_path / "ref", *args).returncode == 0
+    expected = (tmp_path / "ref" / "manifest.json").read_text()
+    for n, spec in enumerate((raw, f"{raw}/*", f"{raw}/**/*_t1.nii.gz")):
+        out = tmp_path / f"ds{n}"
+        result = preprocess(spec, out, *args, timeout=60)
+        assert result.returncode == 0, (spec, result.stderr)
+        assert (out / "manifest.json").read_text() == expected, spec  # both subjects, each once
+
+
 # ---------------------------------------------------------------- resume and overwrite
 
 
@@ -248,17 +271,7 @@ def test_rerun_resumes_and_a_different_config_needs_overwrite(sample_data, tmp_p
 
 
 def test_no_header_text_path_or_name_reaches_outputs(sample_data, tmp_path):
-    inp = tmp_path / "PATIENT_DIR_Doe"
-    for subject in ("colin27", "mni152"):
-        (inp / subject).mkdir(parents=True)
-        for modality in ("t1", "seg"):
-            image = nib.load(sample_data / subject / f"{subject}_{modality}.nii.gz")
-            image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
-            image.header["descrip"] = b"SECRET_John_Doe_1970"
-            image.header["aux_file"] = b"SECRET_aux"
-            image.header["db_name"] = b"SECRET_db"
-            image.header["intent_name"] = b"SECRET_in"
-            nib.save(image, inp / subject / f"{subject}_{modality}.nii.gz")
+    inp = write_phi_laden_copy(sample_data, tmp_path / "PATIENT_DIR_Doe", b"SECRET_John_Doe_1970")
     salt = tmp_path / "salt.txt"
     out = tmp_path / "ds"
     result = preprocess(inp, out, *SMALL, "--mask", "seg", "--pseudonymize", "--salt-file", salt)
@@ -369,6 +382,11 @@ def _missing(path):
     path.with_name(path.name.replace("_t1", "_seg")).unlink()
 
 
+def _duplicate(path):
+    data, affine = load(path)
+    save_like(path.with_name(path.name.replace(".nii.gz", ".nii")), data, affine)
+
+
 BAD_SUBJECT = {  # how the mni152 subject is broken → words of the one-line error
     "truncated": (_truncate, "mni152_t1.nii.gz: truncated or corrupt"),
     "not-nifti": (_not_nifti, "mni152_t1.nii.gz: not a readable NIfTI file"),
@@ -381,6 +399,7 @@ BAD_SUBJECT = {  # how the mni152 subject is broken → words of the one-line er
     "shape": (_other_shape, "subject mni152: seg has shape 193x233x189 but t1 has 197x233x189"),
     "affine": (_other_affine, "subject mni152: seg and t1 have different affines"),
     "missing": (_missing, "subject mni152: missing modality seg"),
+    "duplicate": (_duplicate, "subject mni152: 2 files for modality t1 (mni152_t1.nii, mni152_t1.nii.gz)"),
 }
 
 

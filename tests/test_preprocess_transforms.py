@@ -36,6 +36,21 @@ def test_pad_and_resize_equals_padding_then_dense_resize():
     assert (T.pad_and_resize(np.full((2, 9, 9), -1.0, np.float32), NO_PAD, 32) == -1.0).all()
 
 
+def test_a_slice_resizes_to_the_same_bytes_alone_or_in_any_block():
+    """Each slice's foreground box differs, so a block is cropped differently from its slices;
+    the bytes must not change (the resize of a subject goes block by block)."""
+    rng = np.random.default_rng(5)
+    images = np.full((6, 300, 240), -1.0, dtype=np.float32)
+    for k in range(6):
+        top, left = rng.integers(0, 100, size=2)
+        images[k, top:top + 150, left:left + 120] = rng.uniform(-1, 1, size=(150, 120))
+    padding = ((10, 11), (40, 40))
+    for size in (64, 512):
+        block = T.pad_and_resize(images, padding, size)
+        alone = np.concatenate([T.pad_and_resize(images[k:k + 1], padding, size) for k in range(6)])
+        assert block.tobytes() == alone.tobytes(), size
+
+
 def test_resize_keeps_constants_and_antialiases_a_checkerboard():
     flat = np.full((2, 90, 120), 0.25, dtype=np.float32)
     np.testing.assert_allclose(T.pad_and_resize(flat, NO_PAD, 32), 0.25, atol=1e-6)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from hpcgan.preprocess import transforms as T
-from hpcgan.stacks import (contact_sheet, read_stack_attrs, read_stack_h5, to_uint8, write_png, write_stack_h5,
-                           write_stack_nifti)
+from hpcgan.stacks import (NIFTI_DESCRIPTION, contact_sheet, read_stack_attrs, read_stack_h5, to_uint8, write_png,
+                           write_stack_h5, write_stack_nifti)
 
 
 # ---------------------------------------------------------------- stacks: pure maths
@@ -66,8 +66,9 @@ def test_nifti_zooms_axes_header_and_intensity(tmp_path):
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
     assert img.header.get_xyzt_units()[0] == "mm"
-    for key in ("descrip", "aux_file", "intent_name", "db_name"):
+    for key in ("aux_file", "intent_name", "db_name"):
         assert img.header[key].tobytes().strip(b"\0") == b""
+    assert img.header["descrip"].tobytes().strip(b"\0") == NIFTI_DESCRIPTION  # says: independent slices
     data = img.get_fdata(dtype=np.float32)
     assert img.get_data_dtype() == np.float32
     assert data[-1, -1, 0, 0] == 110.0  # top right of the image = max X (right), max Y (anterior)
@@ -96,7 +97,6 @@ def test_nifti_of_real_brain_slices_matches_the_preprocessed_volume(tmp_path, sa
 import torch  # noqa: E402
 
 from hpcgan.checkpoint import CheckpointWriter  # noqa: E402
-from hpcgan.cli import main  # noqa: E402
 from hpcgan.config import to_dict  # noqa: E402
 from hpcgan.networks import ModelConfig, build_generator  # noqa: E402
 from hpcgan.sample import generate_images  # noqa: E402
@@ -176,15 +176,25 @@ def test_sample_command_writes_stacks_identically_on_one_and_two_ranks(tiny_run,
                               read_stack_h5(tmp_path / "one" / "stack-00001.h5"))
 
 
-@pytest.fixture
-def cli_in_process():
-    """cli.main sets up the hpcgan logger on the captured stderr; put it back afterwards."""
-    import logging
-
-    logger = logging.getLogger("hpcgan")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield main
-    logger.handlers[:], logger.level, logger.propagate = saved
+def test_sample_format_subsets_and_no_ema(tiny_run, tmp_path, cli_in_process):
+    """--format writes only the formats asked for; --no-ema samples the trained G, not G_ema."""
+    ckpt = tiny_run / "checkpoints" / "ckpt-00000040.pt"
+    common = ["sample", "--checkpoint", str(tiny_run), "--num-stacks", "2", "--stack-size", "6", "--seed", "2"]
+    assert cli_in_process([*common, "--out", str(tmp_path / "g"), "--format", "h5", "--no-ema"]) == 0
+    assert cli_in_process([*common, "--out", str(tmp_path / "ema"), "--format", "png,nifti"]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["index.json", "stack-00000.h5", "stack-00001.h5"]
+    assert sorted(p.name for p in (tmp_path / "ema").iterdir()) == [
+        "index.json", "stack-00000.nii.gz", "stack-00000.png", "stack-00001.nii.gz", "stack-00001.png"]
+    g_index, ema_index = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("g", "ema"))
+    assert (g_index["formats"], g_index["ema"]) == (["h5"], False)
+    assert (ema_index["formats"], ema_index["ema"]) == (["nifti", "png"], True)
+    for k in range(2):
+        from_g = generate_images(ckpt, 6, seed=2, stream=k, ema=False)
+        from_ema = generate_images(ckpt, 6, seed=2, stream=k)
+        assert not np.allclose(from_g, from_ema, rtol=0.05, atol=0)  # the two generators really differ
+        np.testing.assert_allclose(read_stack_h5(tmp_path / "g" / f"stack-{k:05d}.h5"), from_g, rtol=1e-5, atol=0)
+        volume = nib.load(tmp_path / "ema" / f"stack-{k:05d}.nii.gz").get_fdata()
+        np.testing.assert_allclose(volume[:, ::-1, :].transpose(2, 1, 0), 5.0 + (from_ema[:, 0] + 1) * 100.0, atol=1e-4)
 
 
 def test_sample_refuses_bad_input_with_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, cli_in_process):

@@ -56,7 +56,7 @@ def submit_pipeline(cluster, work: Path, *args, **hpcgan_vars) -> dict:
     """Run slurm/pipeline.sh from `work` (the submit dir); {step: job id} from its output."""
     work.mkdir(parents=True, exist_ok=True)
     env = cluster.client_env(job_env(work, **hpcgan_vars))
-    result = run_cmd(["bash", str(PIPELINE), *args], env=env, cwd=work, timeout=120, check=True)
+    result = run_cmd(cluster.client_cmd(["bash", PIPELINE, *args]), env=env, cwd=work, timeout=120, check=True)
     return dict(re.findall(r"^submitted (\w+): job (\d+)", result.stdout, re.M))
 
 
@@ -81,17 +81,7 @@ def wait_ok(cluster, job_id, work: Path, timeout):
     return jobs
 
 
-STAND_IN_APPTAINER = """#!/bin/bash
-# Stand-in for `apptainer` (not packaged for Debian 12): records its arguments, checks the image exists,
-# then runs the command from the venv instead of inside the image.
-echo "$*" >> "$(dirname "$0")/calls.log"
-[ "$1" = exec ] || exit 99
-shift
-while [[ "$1" == --* ]]; do [ "$1" = --bind ] && shift; shift; done
-[ -f "$1" ] || exit 98
-shift
-exec "$HPCGAN_TEST_VENV/bin/$@"
-"""
+STAND_IN_APPTAINER = Path(__file__).parent / "scripts" / "apptainer-stand-in.sh"
 
 
 def test_container_mode_runs_each_step_through_apptainer_with_its_dirs_bound(cluster, sample_data, tmp_path):
@@ -99,7 +89,7 @@ def test_container_mode_runs_each_step_through_apptainer_with_its_dirs_bound(clu
     rank, and every path hpcgan is given lies in a bound directory (the hybrid model's srun launches it)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "apptainer").write_text(STAND_IN_APPTAINER)
+    (bin_dir / "apptainer").write_text(STAND_IN_APPTAINER.read_text())
     (bin_dir / "apptainer").chmod(0o755)
     image = tmp_path / "hpcgan.sif"
     image.write_bytes(b"")
@@ -202,7 +192,10 @@ def test_pipeline_runs_to_the_end(cluster, pipeline, dataset):
     with h5py.File(stack) as f:
         assert f["images"].shape == (8, 1, 64, 64)
     report = json.loads((run / "evaluation.json").read_text())
-    assert report["metrics"]["swd"]["value"] >= 0
+    # The evaluate step scored every image the sample step wrote, from this run's last checkpoint.
+    assert report["generated"]["checkpoint_sha256"] == index["checkpoint_sha256"]
+    assert report["generated"]["count"] == index["num_stacks"] * index["stack_size"] == 8 * len(
+        list((run / "samples").glob("stack-*.h5")))
     rank_logs = sorted((work / "logs").glob(f"hpcgan-train-{jobs['train']}.step0.rank*.log"))
     assert len(rank_logs) == 2
 
@@ -260,4 +253,7 @@ def test_sweep_array_trains_each_grid_point_and_summarises(cluster, dataset, tmp
     with open(sweep_dir / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["run"] for r in rows) == sorted(names) and [r["rank"] for r in rows] == ["1", "2"]
-    assert all(float(r["swd"]) >= 0 for r in rows), rows  # from each run's evaluation.json
+    for row in rows:  # each run's own evaluation.json, to the CSV's 6 significant digits
+        evaluation = json.loads((sweep_dir / row["run"] / "evaluation.json").read_text())
+        assert row["step"] == "evaluation.json", row
+        assert float(row["swd"]) == pytest.approx(evaluation["metrics"]["swd"]["value"], rel=1e-5), row

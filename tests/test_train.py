@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from conftest import hpcgan_cmd, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
+from hpcgan.config import build
+from hpcgan.networks import ModelConfig, build_discriminator, build_generator
+from hpcgan.training_loop import replica_digest
 
 # A tiny model on the 64x64 dataset so that a step takes milliseconds on one core.
 TINY = ["model.g_base_width=8", "model.d_base_width=8", "model.max_width=32", "model.latent_dim=16",
@@ -117,12 +120,6 @@ def test_same_seed_same_run(sample_dataset, tmp_path):
     assert any(not torch.equal(c["G"][k], a["G"][k]) for k in a["G"])
 
 
-def test_bf16_autocast_on_cpu(sample_dataset, tmp_path):
-    run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 3, "train.amp=bf16"), check=True)
-    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert all(abs(line[k]) < 1e6 for k in ("loss_d", "loss_g"))
-
-
 # --- distributed ------------------------------------------------------------------------------------------
 @pytest.mark.mpi
 @requires_mpirun
@@ -132,16 +129,21 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(sample_dataset, tmp_pa
     run_hpcgan(*train_args(sample_dataset, tmp_path / "one", 4, *sets, "train.batch_size=8"), check=True)
     run_hpcgan_mpi(2, *train_args(sample_dataset, tmp_path / "two", 4, *sets, "train.batch_size=4"),
                    "--backend", backend, check=True, timeout=240)
-    one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    assert_two_ranks_trained_like_one(tmp_path / "one", tmp_path / "two")
+    losses_one = [json.loads(l)["loss_d"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    losses_two = [json.loads(l)["loss_d"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+
+
+def assert_two_ranks_trained_like_one(one_dir, two_dir):
+    """The last checkpoints of a 1-process and a 2-rank run hold the same weights and optimizer state."""
+    one, two = load_ckpt(one_dir), load_ckpt(two_dir)
     assert two["world_size"] == 2
     for net in ("G", "D", "opt_G", "opt_D"):
         flat_one, flat_two = _tensors(one[net]), _tensors(two[net])
         assert flat_one.keys() == flat_two.keys()
         for key in flat_one:
             torch.testing.assert_close(flat_two[key], flat_one[key], rtol=1e-4, atol=2e-5, msg=f"{net} {key}")
-    losses_one = [json.loads(l)["loss_d"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    losses_two = [json.loads(l)["loss_d"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
 
 
 def _tensors(obj, prefix=""):
@@ -174,7 +176,13 @@ def test_replicas_stay_identical(sample_dataset, tmp_path, loss, backend, extra)
     ckpt = load_ckpt(run)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # ranks draw different noise...
-    assert len(ckpt["replica_digest"]) == 64  # ...and the digest check passed on every checkpoint
+    # ...and the digest every rank agreed on is that of the weights saved (a rank that drifts ends the
+    # job: tests/test_train_options.py)
+    cfg = build(ModelConfig, ckpt["config"]["model"], "checkpoint", "model.")
+    G, D = build_generator(cfg), build_discriminator(cfg)
+    G.load_state_dict(ckpt["G"])
+    D.load_state_dict(ckpt["D"])
+    assert ckpt["replica_digest"] == replica_digest(G, D)
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(torch.isfinite(torch.tensor(line[k])) for k in ("loss_d", "loss_g"))
 

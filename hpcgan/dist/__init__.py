@@ -3,8 +3,14 @@ import os
 import sys
 
 from hpcgan.dist.env import LaunchEnv, launch_env, slurm_ntasks
+from hpcgan.errors import HpcganError
 
-__all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "abort_job", "mpi_comm", "make_backend", "BACKENDS"]
+__all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "abort_job", "mpi_comm", "make_backend", "BACKENDS",
+           "CollectiveError", "lost_a_peer", "PEER_FAILURE_GRACE_S"]
+
+# How long a rank whose collective failed because another rank stopped waits for the launcher to end
+# it (Open MPI does so within a second of the other rank's MPI_Abort) before it reports and aborts.
+PEER_FAILURE_GRACE_S = 10.0
 
 
 def yield_when_idle():
@@ -23,6 +29,21 @@ def mpi_comm():
     except ImportError:
         return None
     return MPI.COMM_WORLD
+
+
+class CollectiveError(HpcganError):
+    """A collective failed under this rank: another rank stopped (its error line says why) or cannot
+    be reached."""
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """True when `exc` is the consequence of another rank's failure, not a failure of this rank:
+    Horovod shuts down on every rank when one rank fails; Gloo resets the connections of a rank
+    that dies (the torch backend raises CollectiveError)."""
+    horovod_errors = sys.modules.get("horovod.common.exceptions")
+    if horovod_errors is not None and isinstance(exc, horovod_errors.HorovodInternalError):
+        return True
+    return isinstance(exc, CollectiveError)
 
 
 def abort_job(code: int):

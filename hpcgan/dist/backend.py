@@ -105,14 +105,12 @@ class Backend:
             for tensor in module.state_dict().values():
                 self.broadcast_(tensor, root)
 
-    def average_buffers(self, module: torch.nn.Module):
-        """Mean of floating-point buffers (batch-norm running stats) over ranks."""
-        if self.world_size == 1:
-            return
+    def averaged_buffers(self, module: torch.nn.Module) -> dict:
+        """name → the mean over ranks of each floating-point buffer of `module` (batch-norm running
+        statistics), as new tensors: the module keeps its own."""
         with torch.no_grad():
-            for buffer in module.buffers():
-                if buffer.is_floating_point():
-                    self.allreduce_(buffer, "mean")
+            return {name: self.allreduce_(buffer.clone(), "mean")
+                    for name, buffer in module.named_buffers() if buffer.is_floating_point()}
 
     def broadcast_object(self, obj=None, root: int = 0):
         """`obj` (tensors and plain data) from `root` to every rank."""

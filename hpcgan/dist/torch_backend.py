@@ -3,6 +3,7 @@
 The rendezvous comes from the job itself, so the same `mpirun`/`srun` lines that start Horovod
 start this backend: MASTER_ADDR/MASTER_PORT if set (torchrun), else rank 0 picks a free port and
 tells the others through MPI."""
+import contextlib
 import gc
 import os
 import socket
@@ -11,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hpcgan.dist import CollectiveError
 from hpcgan.dist.backend import Backend, pick_device
 from hpcgan.dist.env import launch_env
 from hpcgan.errors import HpcganError
@@ -56,19 +58,33 @@ class TorchBackend(Backend):
     def _group(self, tensor):
         return None if tensor.is_cuda else self.cpu_group
 
+    @contextlib.contextmanager
+    def _collective(self, name):
+        """Gloo and NCCL raise RuntimeError when another rank dies mid-collective (connection reset):
+        CollectiveError marks it as a consequence, which the rank that failed first explains."""
+        try:
+            yield
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CollectiveError(f"torch.distributed {name} failed, another rank has stopped or cannot be "
+                                  f"reached ({reason})") from exc
+
     def allreduce_(self, tensor, op="mean"):
-        dist.all_reduce(tensor, op=_OPS[op], group=self._group(tensor))
+        with self._collective("all_reduce"):
+            dist.all_reduce(tensor, op=_OPS[op], group=self._group(tensor))
         if op == "mean":
             tensor.div_(self.world_size)
         return tensor
 
     def broadcast_(self, tensor, root=0):
-        dist.broadcast(tensor, src=root, group=self._group(tensor))
+        with self._collective("broadcast"):
+            dist.broadcast(tensor, src=root, group=self._group(tensor))
         return tensor
 
     def allgather(self, tensor):
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self._group(tensor))
+        with self._collective("all_gather"):
+            dist.all_gather(parts, tensor.contiguous(), group=self._group(tensor))
         return torch.stack(parts)
 
     def barrier(self):

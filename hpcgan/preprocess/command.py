@@ -33,6 +33,7 @@ from hpcgan.config import build, read_yaml, resolve_config_path, to_dict
 from hpcgan.errors import HpcganError, UsageError
 from hpcgan.io import atomic_path, check_writable_dir, sha256_file, write_json_atomic
 from hpcgan.log import get_logger
+from hpcgan.progress import progress_bar
 from hpcgan.preprocess import transforms as T
 from hpcgan.preprocess.io import (BadInput, check_same_grid, group_by_subject, list_input_files, load_volume,
                                   nifti_stem, read_header)
@@ -210,6 +211,12 @@ def pseudonym(name: str, salt: str) -> str:
     return "sub-" + hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()[:16]
 
 
+def file_label(cfg: PreprocessConfig, modality: str, path: str) -> str:
+    """How messages and records name an input file: its base name, or with --pseudonymize its
+    role ("t1 volume"), since file names usually carry the patient's name."""
+    return f"{modality} volume" if cfg.pseudonymize else os.path.basename(path)
+
+
 def split_subjects(ids: list, val_fraction: float, seed: int) -> dict:
     """{id: 'train'|'val'} in the seed's shuffled order (the order shards are filled in, so
     that patterns in subject names do not pile similar subjects into one shard or rank), split
@@ -259,7 +266,13 @@ def make_plan(cfg: PreprocessConfig) -> dict:
             missing = [m for m in wanted if m not in subject.files]
             if missing:
                 raise BadInput(sid, f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")
-            headers = {m: read_header(sid, subject.files[m], cfg.volume_index) for m in wanted}
+            if subject.duplicates:
+                m, others = min(subject.duplicates.items())
+                names = [file_label(cfg, m, path) for path in [subject.files[m]] + others]
+                raise BadInput(sid, f"{len(names)} files for modality {m}" +
+                               ("" if cfg.pseudonymize else f" ({', '.join(names)})"))
+            headers = {m: read_header(sid, subject.files[m], file_label(cfg, m, subject.files[m]), cfg.volume_index)
+                       for m in wanted}
             check_same_grid(sid, headers)
         except BadInput as exc:
             if not cfg.skip_bad:
@@ -341,7 +354,8 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
     (S, C, size, size), masks (S, size, size) or None, {modality: [lo, hi]}, {modality: sha256})."""
     volumes, digests, spacing = [], {}, None
     for modality in cfg.modalities:
-        data, affine, digests[modality] = load_volume(sid, files[modality], cfg.volume_index)
+        data, affine, digests[modality] = load_volume(sid, files[modality], file_label(cfg, modality, files[modality]),
+                                                      cfg.volume_index)
         data, affine = T.reorient_to_ras(data, affine)
         volumes.append((modality, data))
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -367,12 +381,14 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
 
     masks = None
     if cfg.mask:
-        data, affine, digests[cfg.mask] = load_volume(sid, files[cfg.mask], cfg.volume_index, allow_all_zero=True)
+        mask_label = file_label(cfg, cfg.mask, files[cfg.mask])
+        data, affine, digests[cfg.mask] = load_volume(sid, files[cfg.mask], mask_label, cfg.volume_index,
+                                                      allow_all_zero=True)
         data, _ = T.reorient_to_ras(data, affine)
         labels = T.axial_view(T.axial_slab(data, indices))
         limit = np.iinfo(mask_dtype).max
         if labels.size and (labels.min() < 0 or labels.max() > limit):
-            raise BadInput(sid, f"{os.path.basename(files[cfg.mask])}: mask labels outside 0..{limit}")
+            raise BadInput(sid, f"{mask_label}: mask labels outside 0..{limit}")
         if labels.dtype.kind == "f":
             labels = np.rint(labels)
         masks = T.pad_and_resize_labels(labels, padding, cfg.size).astype(mask_dtype, copy=False)
@@ -450,6 +466,7 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
 
 def build_manifest(cfg: PreprocessConfig, plan: dict, records: list) -> dict:
     subjects, skipped = {}, list(plan["skipped"])
+    order = {shard["name"]: shard["subjects"] for shard in plan["shards"]}
     for record in records:
         subjects.update(record["subjects"])
         skipped += record["skipped"]
@@ -480,8 +497,10 @@ def build_manifest(cfg: PreprocessConfig, plan: dict, records: list) -> dict:
         "slice_thickness_mm": plan["slice_thickness_mm"],
         "intensity": {"norm": cfg.norm, "lo": first["lo"], "hi": first["hi"], "per_modality": per_modality},
         "splits": splits,
-        "shards": [{k: r[k] for k in ("name", "split", "slices", "sha256")} | {"subjects": list(r["subjects"])}
-                   for r in records],
+        # Subjects in the order the shard holds them: a record read back from disk (a kept shard)
+        # has its keys sorted, so the order comes from the plan, the same for a fresh and a resumed run.
+        "shards": [{k: r[k] for k in ("name", "split", "slices", "sha256")} |
+                   {"subjects": [sid for sid in order[r["name"]] if sid in r["subjects"]]} for r in records],
         "subjects": dict(sorted(subjects.items())),
         "skipped": skipped,
     }
@@ -499,8 +518,6 @@ def _raise_everywhere(rank: int, error):
 
 
 def run(args):
-    from tqdm import tqdm
-
     from hpcgan.dist import launch_env, mpi_comm
     from hpcgan.dist.waiting import idle_barrier
 
@@ -530,8 +547,7 @@ def run(args):
     records, written, kept, error = [], [], [], None
     start, slices_done = time.perf_counter(), [0]
     desc = "preprocess" if world == 1 else f"preprocess (rank 0's share of {world})"
-    with tqdm(total=sum(len(s["subjects"]) for s in mine), unit="subject", desc=desc,
-              disable=rank != 0, dynamic_ncols=True) as bar:
+    with progress_bar(sum(len(s["subjects"]) for s in mine), desc, "subjects", enabled=rank == 0) as bar:
         def progress(n_slices):
             slices_done[0] += n_slices
             bar.update(1)
@@ -551,8 +567,6 @@ def run(args):
                 error = ("usage" if isinstance(exc, UsageError) else "runtime", str(exc))
                 break
 
-    if kept:
-        log.info("kept %d shard(s) finished by an earlier run (checksums match): %s", len(kept), ", ".join(kept))
     # Per-rank load (benchmarks/preprocess.py reads this line): CPU seconds since the process started.
     log.debug("rank %d: wrote %d shard(s), %d slices in %.2f s; process CPU %.2f s", rank, len(written),
               slices_done[0], time.perf_counter() - start, time.process_time())
@@ -570,9 +584,12 @@ def run(args):
             comm.Barrier()
         _raise_everywhere(rank, failed)
 
-    gathered = comm.gather(records, root=0) if comm is not None else [records]
+    gathered = comm.gather((records, kept), root=0) if comm is not None else [(records, kept)]
     if rank == 0:
-        by_name = {r["name"]: r for part in gathered for r in part}
+        by_name = {r["name"]: r for part, _ in gathered for r in part}
+        kept = sorted(name for _, part in gathered for name in part)  # every rank's, not only rank 0's
+        if kept:
+            log.info("kept %d shard(s) finished by an earlier run (checksums match): %s", len(kept), ", ".join(kept))
         manifest = build_manifest(cfg, plan, [by_name[s["name"]] for s in plan["shards"]])
         write_json_atomic(os.path.join(cfg.output, "manifest.json"), manifest)
         elapsed = time.perf_counter() - start

@@ -1,10 +1,11 @@
 """Finding NIfTI volumes, and reading them with every check a cohort needs.
 
 Files are named `<subject>_<modality>.nii[.gz]`, in one folder per subject (BraTS) or all in one
-folder, or picked by a glob. A bad volume raises `BadInput` with a reason that names the file by
-its base name only: input paths never reach logs, shards or the manifest.
+folder, or picked by a glob; symlinked folders are followed. A bad volume raises `BadInput` with a
+reason that names the file by the label its caller gives (its base name, or its role such as "t1
+volume" when names are pseudonymised): input paths never reach logs, shards or the manifest.
 """
-import glob
+import fnmatch
 import hashlib
 import os
 import zlib
@@ -30,6 +31,7 @@ class BadInput(UsageError):
 class Subject:
     name: str  # folder/file stem: the id used unless --pseudonymize
     files: dict = field(default_factory=dict)  # modality -> path
+    duplicates: dict = field(default_factory=dict)  # modality -> further paths (a bad subject)
 
 
 def nifti_stem(path: str):
@@ -41,22 +43,87 @@ def nifti_stem(path: str):
     return None
 
 
+GLOB_CHARACTERS = "*?["
+
+
+def walk_directories(top: str):
+    """(directory, file names) of `top` and every folder below it, following symlinked folders
+    (a shared copy of a cohort is often linked in, one link per subject). A folder reached a
+    second time (a symlink loop, or two links to one folder) is not entered again."""
+    seen = set()
+    for root, dirs, files in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        yield root, sorted(files)
+
+
+def expand_glob(pattern: str) -> list:
+    """Paths matching a glob, `**` matching any number of folders. Unlike `glob.glob`, `**`
+    follows symlinked folders without looping (glob's `**` follows a link to a parent until the
+    path is too long: exponential time with two such links); like it, wildcards do not match
+    names starting with '.'."""
+    absolute = pattern.startswith(os.sep)
+    parts = [p for p in pattern.split(os.sep) if p]
+    matches = []
+
+    def expand(base, index):
+        if index == len(parts):
+            matches.append(base)
+            return
+        part = parts[index]
+        if part == "**":
+            for directory, _ in walk_directories(base):
+                expand(directory, index + 1)
+        elif any(c in part for c in GLOB_CHARACTERS):
+            try:
+                names = sorted(os.listdir(base))
+            except OSError:
+                return
+            for name in names:
+                if fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith(".")):
+                    expand(os.path.join(base, name), index + 1)
+        elif os.path.lexists(os.path.join(base, part)):
+            expand(os.path.join(base, part), index + 1)
+
+    expand(os.sep if absolute else os.curdir, 0)
+    here = os.curdir + os.sep
+    return [m[len(here):] if not absolute and m.startswith(here) else m for m in matches]
+
+
 def list_input_files(input_spec: str) -> list:
-    """NIfTI files under a directory (recursively), or matching a glob; sorted."""
-    if any(c in input_spec for c in "*?["):
-        paths = glob.glob(input_spec, recursive=True)
-    elif os.path.isdir(input_spec):
-        paths = [os.path.join(root, name) for root, _, names in os.walk(input_spec) for name in names]
+    """NIfTI files under a directory (recursively), or matching a glob (folders it matches are
+    searched recursively); sorted. Symlinked folders are followed; a file reached by two paths
+    counts once."""
+    if any(c in input_spec for c in GLOB_CHARACTERS):
+        found = expand_glob(input_spec)
     elif os.path.exists(input_spec):
-        paths = [input_spec]
+        found = [input_spec]
     else:
         raise UsageError("--input: no such file or directory (nor a glob with * ? [)")
-    return sorted(p for p in paths if os.path.isfile(p) and nifti_stem(p) is not None)
+    paths = []
+    for path in found:
+        if os.path.isdir(path):
+            paths += [os.path.join(root, name) for root, names in walk_directories(path) for name in names]
+        else:
+            paths.append(path)
+    unique = {}
+    for path in sorted(p for p in paths if os.path.isfile(p) and nifti_stem(p) is not None):
+        unique.setdefault(os.path.realpath(path), path)
+    return sorted(unique.values())
 
 
 def group_by_subject(paths, wanted_modalities) -> dict:
     """{subject: Subject} from names `<subject>_<modality>`; files of other modalities are
-    ignored. The longest matching modality suffix wins (t1ce before t1)."""
+    ignored. The longest matching modality suffix wins (t1ce before t1). A second file for a
+    modality is kept in `duplicates` for the caller to report under the subject's id."""
     by_length = sorted(set(wanted_modalities), key=len, reverse=True)
     subjects = {}
     for path in paths:
@@ -67,9 +134,9 @@ def group_by_subject(paths, wanted_modalities) -> dict:
         name = stem[: -len(modality) - 1]
         subject = subjects.setdefault(name, Subject(name))
         if modality in subject.files:
-            raise UsageError(f"subject {name}: two files for modality {modality} "
-                             f"({os.path.basename(subject.files[modality])}, {os.path.basename(path)})")
-        subject.files[modality] = path
+            subject.duplicates.setdefault(modality, []).append(path)
+        else:
+            subject.files[modality] = path
     return dict(sorted(subjects.items()))
 
 
@@ -81,11 +148,11 @@ class Header:
     byte_labels: bool  # unscaled 8-bit integers: labels fit in uint8
 
 
-def read_header(subject: str, path: str, volume_index=None) -> Header:
-    """Open a NIfTI header (no voxel data) and check it describes one 3-D volume."""
+def read_header(subject: str, path: str, name: str, volume_index=None) -> Header:
+    """Open a NIfTI header (no voxel data) and check it describes one 3-D volume. `name` is how
+    messages name the file."""
     import nibabel as nib
 
-    name = os.path.basename(path)
     if os.path.getsize(path) == 0:
         raise BadInput(subject, f"{name}: empty file")
     try:
@@ -93,7 +160,7 @@ def read_header(subject: str, path: str, volume_index=None) -> Header:
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise nib.filebasedimages.ImageFileError("not NIfTI")
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError) as exc:
-        raise BadInput(subject, f"{name}: not a readable NIfTI file ({_short(exc)})") from None
+        raise BadInput(subject, f"{name}: not a readable NIfTI file ({_short(exc, path)})") from None
     shape = tuple(int(n) for n in image.shape)
     while len(shape) > 4 and shape[-1] == 1:
         shape = shape[:-1]
@@ -164,16 +231,15 @@ def read_voxels(path: str):
     return apply_read_scaling(voxels, proxy.slope, proxy.inter), image.affine, digest
 
 
-def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False):
+def load_volume(subject: str, path: str, name: str, volume_index=None, allow_all_zero=False):
     """(voxel data, affine, sha256 of the file), the data with scale slope/intercept applied and
     checked for readability, NaN/Inf and (unless `allow_all_zero`, as for an empty lesion
     mask) all-zero content. The array keeps the file's dtype when no scaling is needed; it may
-    be read-only."""
-    name = os.path.basename(path)
+    be read-only. `name` is how messages name the file."""
     try:
         data, affine, digest = read_voxels(path)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
-        raise BadInput(subject, f"{name}: truncated or corrupt data ({_short(exc)})") from None
+        raise BadInput(subject, f"{name}: truncated or corrupt data ({_short(exc, path)})") from None
     if data.ndim > 3:
         data = data.reshape(data.shape[:3] + (-1,), order="A")[..., volume_index or 0]  # a view, no copy
     if data.dtype.kind not in "uif":
@@ -185,10 +251,11 @@ def load_volume(subject: str, path: str, volume_index=None, allow_all_zero=False
     return data, np.asarray(affine, dtype=np.float64), digest
 
 
-def _short(exc) -> str:
-    """An exception as a short phrase without any path in it."""
+def _short(exc, path: str) -> str:
+    """An exception as a short phrase without any path or the file's name in it."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    stem = nifti_stem(path) or os.path.basename(path)
     for token in text.split():
-        if os.sep in token:
+        if os.sep in token or stem in token:
             text = text.replace(token, "<file>")
     return text[:120]

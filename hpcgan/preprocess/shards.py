@@ -20,9 +20,10 @@ class ShardWriter:
 
     def __init__(self, path, channels: int, size: int, dtype: str, mask_dtype: str | None, compression: str,
                  chunk_slices: int, attrs: dict):
-        import h5py
+        from hpcgan.io import HDF5Output
 
-        self.file = h5py.File(path, "w", track_order=False)
+        self.output = HDF5Output(path, track_order=False)  # a full disk fails cleanly (see HDF5Output)
+        self.file = self.output.file
         options = {"compression": None if compression == "none" else compression, "track_times": False}
         if compression == "gzip":
             options["compression_opts"] = 4
@@ -55,8 +56,9 @@ class ShardWriter:
         self.subject[start:stop] = np.full(n, subject_id.encode(), dtype=f"S{SUBJECT_ID_BYTES}")
         self.slice_index[start:stop] = np.asarray(slice_indices, dtype=np.int32)
         self.count = stop
+        self.output.check()
 
     def close(self, attrs: dict | None = None):
         for key, value in (attrs or {}).items():
             self.file.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-        self.file.close()
+        self.output.close()

@@ -96,28 +96,64 @@ def _span(mask: np.ndarray):
     return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
 
 
+@functools.lru_cache(maxsize=256)
+def resize_taps(n_padded: int, size: int, first: int, count: int):
+    """The rows of `resize_weights(n_padded, size)` as taps on the `count` real pixels that start
+    at padded position `first` (the padding around them is zero and adds nothing). Returns
+    (o0, o1, index, taps): output rows o0..o1 are the ones those pixels reach; for tap t, output
+    o0 + i takes pixel index[t, i] (local to the real pixels) with weight taps[t, i]. Taps run in
+    ascending pixel order; rows with fewer taps than the longest are filled with weight 0."""
+    weights = resize_weights(n_padded, size)[:, first:first + count]
+    o0, o1 = _span(weights.any(axis=1))
+    nonzero = weights[o0:o1] > 0  # one run of pixels per row: the filter is a triangle
+    starts = nonzero.argmax(axis=1)
+    stops = count - nonzero[:, ::-1].argmax(axis=1)
+    index = starts[:, None] + np.arange(int((stops - starts).max()))
+    inside = index < stops[:, None]
+    index = np.minimum(index, count - 1)
+    taps = np.where(inside, np.take_along_axis(weights[o0:o1], index, axis=1), np.float32(0.0))
+    index, taps = np.ascontiguousarray(index.T), np.ascontiguousarray(taps.T, dtype=np.float32)
+    index.flags.writeable = taps.flags.writeable = False  # cached and shared
+    return o0, o1, index, taps
+
+
+def _resize_axis(images: np.ndarray, axis: int, index: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Sum over taps t of taps[t] * images[index[t]] along `axis`, added in tap order with
+    elementwise numpy operations (each correctly rounded). The bytes of the result then depend
+    only on the pixels, never on BLAS, its thread count or the CPU: a matrix product sums in an
+    order that changes with threads and kernels (1 vs 2 BLAS threads moved some float16 pixels by
+    one step)."""
+    shape = [1] * images.ndim
+    shape[axis] = -1
+    out = np.take(images, index[0], axis=axis)
+    out *= taps[0].reshape(shape)
+    term = np.empty_like(out)
+    for t in range(1, len(index)):
+        np.take(images, index[t], axis=axis, out=term)
+        term *= taps[t].reshape(shape)
+        out += term
+    return out
+
+
 def pad_and_resize(images: np.ndarray, padding, size: int) -> np.ndarray:
     """(S, H, W) float images in [-1, 1] with background -1 → padded with background by
     `padding` ((top, bottom), (left, right)) and resized with anti-aliasing to (S, size, size).
 
-    Works on images + 1, where the background is 0: padding then adds nothing (only the columns
-    of the padded weights that fall on real pixels are kept), and only the bounding box of the
-    foreground and the output pixels it reaches need arithmetic. Weight rows sum to 1, so
-    resize(x + 1) - 1 = resize(x)."""
+    Works on images + 1, where the background is 0: padding then adds nothing, and only the
+    bounding box of the foreground and the output pixels it reaches need arithmetic. Weight rows
+    sum to 1, so resize(x + 1) - 1 = resize(x). The taps that the crop drops are exact zeros, and
+    adding zero changes no bit: a slice gives the same bytes whatever block it is resized in."""
     (top, bottom), (left, right) = padding
     n, height, width = images.shape
-    row_weights = resize_weights(height + top + bottom, size)[:, top:top + height]
-    col_weights = resize_weights(width + left + right, size)[:, left:left + width]
     foreground = images.max(axis=0) > -1.0  # (H, W): one pass over the images
     r0, r1 = _span(foreground.any(axis=1))
     c0, c1 = _span(foreground.any(axis=0))
     out = np.full((n, size, size), -1.0, dtype=np.float32)
     if r1 > r0 and c1 > c0:
-        rows, cols = row_weights[:, r0:r1], col_weights[:, c0:c1]
-        o0, o1 = _span(rows.any(axis=1))
-        p0, p1 = _span(cols.any(axis=1))
+        o0, o1, row_index, row_taps = resize_taps(height + top + bottom, size, top + r0, r1 - r0)
+        p0, p1, col_index, col_taps = resize_taps(width + left + right, size, left + c0, c1 - c0)
         shifted = images[:, r0:r1, c0:c1] + np.float32(1.0)
-        block = np.matmul(np.matmul(rows[o0:o1], shifted), cols[p0:p1].T)
+        block = _resize_axis(_resize_axis(shifted, 1, row_index, row_taps), 2, col_index, col_taps)
         block -= np.float32(1.0)
         np.clip(block, -1.0, 1.0, out=out[:, o0:o1, p0:p1])
     return out
