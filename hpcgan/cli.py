@@ -41,7 +41,9 @@ def _common_flags() -> argparse.ArgumentParser:
 
 
 def build_parser(command: str | None = None) -> ArgumentParser:
-    parser = ArgumentParser(prog="hpcgan", description=__doc__.split("\n")[0], parents=[_common_flags()])
+    parser = ArgumentParser(prog="hpcgan", parents=[_common_flags()],
+                            description="Distributed GAN training on medical images for HPC clusters. "
+                                        "`hpcgan COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"hpcgan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (module_name, help_text) in COMMANDS.items():
