@@ -364,6 +364,14 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
             time.sleep(0.1)
         return len(killed)
 
+    def cut_link(self, name: str):
+        """A network partition: node `name`'s link goes down at the hub's end of its veth; its
+        processes go on running, cut off from every other node and from slurmctld."""
+        _run(["ip", "-n", self.hub_ns, "link", "set", self.hub_link[name], "down"], self.env)
+
+    def restore_link(self, name: str):
+        _run(["ip", "-n", self.hub_ns, "link", "set", self.hub_link[name], "up"], self.env)
+
     def slurmd_pid_files(self) -> list[Path]:
         return [self.root / f"slurmd-{name}.pid" for name in self.node_names]
 
