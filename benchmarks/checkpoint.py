@@ -143,7 +143,7 @@ def main():
         ("training stall per checkpoint after that", f"{stall:.3f} s", f"{stall / sync:.3f} (goal <= 0.10)"),
         ("CheckpointWriter background write", f"{total:.2f} s", f"{total / sync:.2f}"),
         (f"sampling, 1 rank x 1 thread, stack of {stack}", f"{one:.2f} images/s", "1.00"),
-        (f"sampling, 2 ranks x 1 thread, a stack each", f"{two:.2f} images/s", f"{two / one:.2f}"),
+        ("sampling, 2 ranks x 1 thread, a stack each", f"{two:.2f} images/s", f"{two / one:.2f}"),
     ]
     print(f"cepa2023 256x256x3, G+D+G_ema+2 Adam states, {repeats} checkpoints, torch {torch.__version__}, "
           f"{os.cpu_count()} cores")

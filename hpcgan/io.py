@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 
-from hpcgan.errors import HpcganError
+from hpcgan.errors import HpcganError, UsageError
 from hpcgan.log import get_logger
 
 log = get_logger("io")
@@ -168,6 +168,20 @@ def remove_temp_files(directory) -> list:
                     os.remove(entry.path)
                 removed.append(entry.name)
     return sorted(removed)
+
+
+def read_json(path, what: str, required: bool = True):
+    """A JSON file that a user points at or that a command wrote (`what` names it in errors). Missing:
+    a one-line UsageError, or None when not `required`; unreadable or not JSON: a one-line UsageError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise UsageError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
 
 
 def read_jsonl(path) -> list:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Norm = Literal["batch", "instance", "layer", "none"]

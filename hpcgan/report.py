@@ -17,6 +17,7 @@ import os
 import re
 
 from hpcgan.errors import UsageError
+from hpcgan.io import read_json, read_jsonl
 from hpcgan.log import get_logger
 
 log = get_logger("report")
@@ -40,23 +41,11 @@ def add_arguments(parser):
 def read_metrics(path) -> tuple:
     """(training lines, evaluation lines) of metrics.jsonl; a torn last line (a killed run) and
     unreadable lines are skipped with a warning (hpcgan.io.read_jsonl)."""
-    from hpcgan.io import read_jsonl
-
     train, evals = [], []
     for entry in read_jsonl(path):
         if isinstance(entry.get("step"), (int, float)):
             (evals if isinstance(entry.get("eval"), dict) else train).append(entry)
     return train, evals
-
-
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def grid_steps(run_dir) -> list:
@@ -266,8 +255,8 @@ def run(args):
     matplotlib.use("Agg")
     train, evals = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     evaluation_path = args.evaluation or os.path.join(run_dir, "evaluation.json")
-    evaluation = read_json(evaluation_path, "evaluation")
-    env = read_json(os.path.join(run_dir, "env.json"), "environment") or {}
+    evaluation = read_json(evaluation_path, "evaluation", required=False)
+    env = read_json(os.path.join(run_dir, "env.json"), "environment", required=False) or {}
     config_path = os.path.join(run_dir, "config.yaml")
     config = open(config_path).read() if os.path.isfile(config_path) else None
 
@@ -293,7 +282,7 @@ def run(args):
         evaluation_section(evaluation, os.path.dirname(os.path.abspath(evaluation_path)), figures_dir, href),
         "<h2>Visual Turing test</h2>",
         turing_test.report_section(read_json(args.turing_test or os.path.join(run_dir, "turing-test.json"),
-                                             "Turing-test scores")),
+                                             "Turing-test scores", required=False)),
         "<h2>Config</h2>",
         f"<pre>{html.escape(config)}</pre>" if config is not None else "<p>No config.yaml.</p>",
         "<h2>Environment</h2>",

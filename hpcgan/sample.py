@@ -39,8 +39,9 @@ def add_arguments(parser):
                         help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")
-    parser.add_argument("--stack-size", type=int, default=100, metavar="N", help="images per stack, each from its own latent: independent slices, "
-                        "not a coherent volume (default 100)")
+    parser.add_argument("--stack-size", type=int, default=100, metavar="N",
+                        help="images per stack, each from its own latent: independent slices, not a coherent "
+                             "volume (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="latent seed; stack k uses (seed, k) (default 0)")
     parser.add_argument("--format", default="h5,nifti,png", help="comma-separated subset of h5,nifti,png (default all)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,

@@ -130,7 +130,6 @@ def load_resume_state(resume, run_dir, cfg, backend):
     loss differs from the config; other sections (steps, intervals, learning rates) may change."""
     from hpcgan.checkpoint import find_latest_valid, load_checkpoint
     from hpcgan.config import to_dict
-    from hpcgan.errors import HpcganError
     from hpcgan.train_config import MODEL_SECTIONS
 
     if resume is None:

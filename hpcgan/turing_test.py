@@ -35,6 +35,7 @@ from importlib import resources
 import numpy as np
 
 from hpcgan.errors import UsageError
+from hpcgan.io import read_json
 from hpcgan.log import get_logger
 
 log = get_logger("turing_test")
@@ -294,20 +295,10 @@ def make_session(args):
 # ---------------------------------------------------------------- score
 
 
-def read_json_file(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
-
-
 def read_session_json(path, what: str, file_format: str, body: str, body_type: type, session_id: str) -> dict:
     """A JSON file of this session (`what`: "answer key" or "answer file"): its format, its `body`
     entry and its session id checked."""
-    data = read_json_file(path, what)
+    data = read_json(path, what)
     if not isinstance(data, dict) or data.get("format") != file_format or not isinstance(data.get(body), body_type):
         raise UsageError(f"{path}: not an {what} of hpcgan turing-test")
     if data.get("session") != session_id:

@@ -2,7 +2,6 @@
 sample data, `hpcgan doctor`, and the distributed backends against the single-process result."""
 import dataclasses
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Literal

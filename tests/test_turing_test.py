@@ -6,7 +6,6 @@ import shutil
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch

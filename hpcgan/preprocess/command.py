@@ -268,9 +268,9 @@ def make_plan(cfg: PreprocessConfig) -> dict:
                 raise BadInput(sid, f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})")
             if subject.duplicates:
                 m, others = min(subject.duplicates.items())
-                names = [file_label(cfg, m, path) for path in [subject.files[m]] + others]
-                raise BadInput(sid, f"{len(names)} files for modality {m}" +
-                               ("" if cfg.pseudonymize else f" ({', '.join(names)})"))
+                paths = [subject.files[m], *others]
+                raise BadInput(sid, f"{len(paths)} files for modality {m}" +
+                               ("" if cfg.pseudonymize else f" ({', '.join(map(os.path.basename, paths))})"))
             headers = {m: read_header(sid, subject.files[m], file_label(cfg, m, subject.files[m]), cfg.volume_index)
                        for m in wanted}
             check_same_grid(sid, headers)
