@@ -91,7 +91,7 @@ def measure_checkpoints(state, directory: Path, repeats: int):
 
 def sampling_worker(checkpoint: str, images: int):
     """Run under mpirun: each rank renders one stack; rank 0 prints images/s of the whole job."""
-    from hpcgan.dist import mpi_comm
+    from hpcgan.parallel import mpi_comm
     from hpcgan.sample import generate_images, load_generator
 
     comm = mpi_comm()

@@ -59,21 +59,20 @@ def perturbed(images, n, seed):
 def worker(dataset, n, out_json):
     """Run under mpirun: every rank builds the same sets, then times each metric between barriers."""
     from hpcgan.data import read_slices
-    from hpcgan.dist import launch_env, mpi_comm
     from hpcgan.metrics import evaluate
+    from hpcgan.parallel.group import world_group
 
-    env = launch_env()
-    comm = mpi_comm()
+    group = world_group()
     train, val = read_slices(dataset, "train"), read_slices(dataset, "val")
     fake, real, val = perturbed(val, n, 1), perturbed(train, n, 2), val[:n]
     seconds = {}
     for name in METRICS:
-        comm.Barrier()
+        group.barrier()
         start = time.perf_counter()
-        evaluate(fake, real, val, metrics=(name,), comm=comm if env.world_size > 1 else None)
-        comm.Barrier()
+        evaluate(fake, real, val, metrics=(name,), group=group)
+        group.barrier()
         seconds[name] = time.perf_counter() - start
-    if env.rank == 0:
+    if group.is_root:
         Path(out_json).write_text(json.dumps({"seconds": seconds, "shape": list(fake.shape), "val": len(val)}))
 
 

@@ -12,6 +12,8 @@ Every process runs with one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free c
 
   .venv/bin/python benchmarks/train.py            # both models (several minutes on 2 cores)
   .venv/bin/python benchmarks/train.py --quick    # the 64x64 model only, few steps
+  .venv/bin/python benchmarks/train.py --cuda     # GPU: the study model at 256x256x3 on cuda:0, fp32 and
+                                                  # bf16, img/s of `hpcgan train` against the bare loop
 """
 import argparse
 import json
@@ -56,9 +58,9 @@ def make_dataset(root: Path, flags) -> Path:
     return out
 
 
-def hpcgan_train(dataset, run_dir, config, batch, steps, ranks=1, backend="none"):
+def hpcgan_train(dataset, run_dir, config, batch, steps, ranks=1, backend="none", extra=()):
     """Seconds per step (median over the steps after warm-up) and the mean wait fractions."""
-    sh(train_cmd(dataset, run_dir, config, batch, steps, ranks, backend))
+    sh([*train_cmd(dataset, run_dir, config, batch, steps, ranks, backend), *extra])
     return read_run(run_dir, batch * ranks)
 
 
@@ -93,8 +95,11 @@ def read_run(run_dir, global_batch):
     return step_s, statistics.mean(l["data_wait"] for l in steady), statistics.mean(l["allreduce_wait"] for l in steady)
 
 
-def bare_loop(config, batch, steps):
-    """The same networks, batch and loss with nothing around them: in-memory data, plain Adam."""
+def bare_loop(config, batch, steps, device="cpu", amp="none"):
+    """The same networks, batch and loss with nothing around them: in-memory data, plain Adam (on a GPU:
+    data and latents made on the device, one synchronize per step so that the timer sees the work)."""
+    import contextlib
+
     import torch
 
     from hpcgan.config import load_config
@@ -105,29 +110,36 @@ def bare_loop(config, batch, steps):
     torch.set_num_threads(1)
     cfg = load_config(Config, config)
     torch.manual_seed(0)
-    G, D = build_generator(cfg.model), build_discriminator(cfg.model)
+    device = torch.device(device)
+    G, D = build_generator(cfg.model).to(device), build_discriminator(cfg.model).to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else contextlib.nullcontext
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     o = cfg.optim
     opt_G = torch.optim.Adam(G.parameters(), o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
     opt_D = torch.optim.Adam(D.parameters(), o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
     m = cfg.model
-    real = torch.rand(8 * batch, m.channels, m.resolution, m.resolution) * 2 - 1
+    real = torch.rand(8 * batch, m.channels, m.resolution, m.resolution, device=device) * 2 - 1
     times = []
     for step in range(steps):
+        sync()
         t0 = time.perf_counter()
         x = real[(step % 8) * batch:(step % 8 + 1) * batch]
-        z = torch.randn(batch, m.latent_dim)
-        with torch.no_grad():
+        z = torch.randn(batch, m.latent_dim, device=device)
+        with torch.no_grad(), autocast():
             fake = G(z, None)
-        loss, _ = d_loss(cfg.loss, D, x, fake)
+        with autocast():
+            loss, _ = d_loss(cfg.loss, D, x, fake)
         opt_D.zero_grad(set_to_none=True)
         loss.backward()
         opt_D.step()
         D.requires_grad_(False)
-        loss, _ = g_loss(cfg.loss, D, G(torch.randn(batch, m.latent_dim), None))
+        with autocast():
+            loss, _ = g_loss(cfg.loss, D, G(torch.randn(batch, m.latent_dim, device=device), None))
         opt_G.zero_grad(set_to_none=True)
         loss.backward()
         opt_G.step()
         D.requires_grad_(True)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -136,11 +148,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64x64 model only, few steps")
     parser.add_argument("--steps", type=int, default=0, help="steps per measurement (default 8, quick 12)")
-    parser.add_argument("--bare", nargs=3, metavar=("CONFIG", "BATCH", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--cuda", action="store_true", help="GPU: the study model on cuda:0 (fp32, bf16)")
+    parser.add_argument("--bare", nargs=5, metavar=("CONFIG", "BATCH", "STEPS", "DEVICE", "AMP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:  # child process: one thread, nothing else running in it
-        print(json.dumps({"step_s": bare_loop(args.bare[0], int(args.bare[1]), int(args.bare[2]))}))
+        config, batch, steps, device, amp = args.bare
+        print(json.dumps({"step_s": bare_loop(config, int(batch), int(steps), device, amp)}))
         return
+    if args.cuda:
+        return cuda_main(args.steps or 40)
     models = {k: v for k, v in MODELS.items() if not args.quick or "64" in k}
     rows = []
     with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
@@ -148,7 +164,7 @@ def main():
         for name, (config, flags, batch) in models.items():
             steps = args.steps or (12 if args.quick or "64" in name else 8)
             data = make_dataset(tmp, flags)
-            bare = json.loads(sh([PY, __file__, "--bare", config, batch, steps]).strip().splitlines()[-1])["step_s"]
+            bare = bare_step_s(config, batch, steps)
             one, data_wait, _ = hpcgan_train(data, tmp / f"{config}-1", config, batch, steps)
             row = {"model": name, "batch/rank": batch, "img/s/rank 1r": batch / one, "hpcgan/bare": one / bare,
                    "data wait": data_wait}
@@ -159,6 +175,26 @@ def main():
                 row[f"allreduce {backend}"] = allreduce
             rows.append(row)
             print_table(rows)
+
+
+def bare_step_s(config, batch, steps, device="cpu", amp="none"):
+    out = sh([PY, __file__, "--bare", config, batch, steps, device, amp])
+    return json.loads(out.strip().splitlines()[-1])["step_s"]
+
+
+def cuda_main(steps):
+    """The study model on one GPU: `hpcgan train --device cuda` against the bare loop, fp32 and bf16."""
+    name, (config, flags, batch) = next(iter(MODELS.items()))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
+        data = make_dataset(Path(tmp), flags)
+        for amp in ("none", "bf16"):
+            bare = bare_step_s(config, batch, steps, "cuda", amp)
+            one, data_wait, _ = hpcgan_train(data, Path(tmp) / f"cuda-{amp}", config, batch, steps,
+                                             extra=["--device", "cuda", "--set", f"train.amp={amp}"])
+            rows.append({"model": name, "amp": amp, "batch": batch, "img/s hpcgan": batch / one,
+                         "img/s bare": batch / bare, "hpcgan/bare": one / bare, "data wait": data_wait})
+    print_table(rows)
 
 
 def print_table(rows):

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         sys.stderr.write(f"hpcgan {args.command}: interrupted\n")
         return 130
     except Exception as exc:  # one line, after the traceback with --debug
-        from hpcgan.dist import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
+        from hpcgan.parallel import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
 
         if lost_a_peer(exc):
             # Another rank failed first and is ending the job with the line that says why: give the

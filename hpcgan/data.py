@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from hpcgan.errors import HpcganError, UsageError
+from hpcgan.preprocess.manifest import DATASET_FORMAT
 
 MANIFEST = "manifest.json"
-FORMAT = "hpcgan-dataset"
 LABELS = ("none", "mask")
 
 
@@ -31,8 +31,8 @@ def load_manifest(dataset_dir) -> dict:
         raise UsageError(f"{dataset_dir}: not a dataset (no {MANIFEST}; run hpcgan preprocess)") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UsageError(f"{path}: not an hpcgan dataset manifest (format is not {FORMAT!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        raise UsageError(f"{path}: not an hpcgan dataset manifest (format is not {DATASET_FORMAT!r})")
     if manifest.get("format_version") != 1:
         raise UsageError(f"{path}: format_version {manifest.get('format_version')} is not supported (need 1)")
     return manifest
@@ -104,18 +104,22 @@ class SliceDataset(torch.utils.data.Dataset):
             self._datasets[(name, key)] = self._file(name)[key]
         return self._datasets[(name, key)]
 
-    def flips(self, index: int) -> bool:
-        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5)
+    def flips(self, index: int, epoch: int | None = None) -> bool:
+        epoch = self.epoch if epoch is None else epoch
+        return bool(np.random.default_rng([self.seed, epoch, index]).random() < 0.5)
 
     def __getitem__(self, index):
-        name, row = self.locate(int(index))
+        """`index`, or (epoch, index) from a loader whose persistent workers hold copies of the
+        dataset made at their start, which a later `set_epoch` in the main process does not reach."""
+        epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (None, int(index))
+        name, row = self.locate(index)
         try:
             image = decode(self._dataset(name, "images")[row])
             label = int(self._dataset(name, "masks")[row].any()) if self.labels == "mask" else 0
         except OSError as exc:  # h5py: a damaged chunk or a shard cut short
             raise HpcganError(f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
                               f"`hpcgan info {self.dataset_dir} --verify` checks every shard") from exc
-        if self.flip and self.flips(int(index)):
+        if self.flip and self.flips(index, epoch):
             image = image.flip(-1)
         return image, self._label_tensors[label].clone()
 
@@ -171,13 +175,38 @@ class RankSampler(torch.utils.data.Sampler):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
-def make_loader(dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0):
+class EpochTagged(torch.utils.data.Sampler):
+    """`sampler`'s indices as (epoch, index): the epoch travels with each index to the workers."""
+
+    def __init__(self, sampler: RankSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def make_loader(dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0,
+                pin_memory=False):
     """(DataLoader, RankSampler) for rank `rank` of `world_size`. Call
-    `sampler.set_epoch(epoch, start_batch)` before iterating each epoch."""
+    `sampler.set_epoch(epoch, start_batch)` before iterating each epoch. `pin_memory` when the batches
+    go to a GPU: the copy can then overlap compute (non_blocking)."""
     dataset = SliceDataset(dataset_dir, split, flip=flip, labels=labels, seed=seed)
     sampler = RankSampler(len(dataset), rank, world_size, batch_size, seed=seed, dataset=dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         drop_last=True, persistent_workers=False)
+    workers = {}
+    if num_workers > 0:
+        # Persistent: the workers (and their open HDF5 files) live through the run instead of starting again
+        # every epoch. Started by forkserver, not fork: a fork of a rank that has initialised MPI, NCCL or
+        # CUDA inherits their threads and locks (Horovod advises it with InfiniBand).
+        workers = {"persistent_workers": True, "multiprocessing_context": "forkserver"}
+    # A private generator for the loader's worker base seed: iter(loader) then draws nothing from the
+    # global torch RNG, so the training's random stream does not depend on num_workers or on epochs.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler),
+                                         num_workers=num_workers, drop_last=True, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(seed), **workers)
     return loader, sampler
 
 

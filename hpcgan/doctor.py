@@ -4,7 +4,9 @@ Reports Python, torch (CUDA, GPUs), the MPI library, mpi4py, h5py (MPI-enabled o
 Horovod (frameworks, controllers, tensor operations) and Slurm. Under `mpirun -np N` or `srun` it
 also runs a real allreduce through hpcgan's backend, checks that every rank sees a world of N
 (and, under srun, that N equals SLURM_NTASKS) and names the host of every rank, so a multi-node
-run shows that the allreduce crossed nodes. Exit 1 if the training path cannot work."""
+run shows that the allreduce crossed nodes. The same collectives then run on the training device
+(NCCL on GPUs, with a SyncBatchNorm forward; on a GPU node also for one process), as at every
+training start. Exit 1 if the training path cannot work."""
 import importlib
 import os
 import platform
@@ -15,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from hpcgan.log import get_logger
-from hpcgan.dist import launch_env, slurm_ntasks
+from hpcgan.parallel import launch_env, slurm_ntasks
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Check:
 def add_arguments(parser):
     parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch", "none"),
                         help="backend used for the multi-rank check (default: horovod with >1 process)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="device of the multi-rank check, as for `hpcgan train` (default: a GPU when visible)")
 
 
 def _version(module_name):
@@ -128,6 +132,14 @@ def _importable(name):
         return False
 
 
+def _gpu_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def check_slurm():
     env = os.environ
     if "SLURM_JOB_ID" in env:
@@ -141,13 +153,17 @@ def check_slurm():
     return Check("slurm", True, f"{where}; {tools}", required=False)
 
 
-def check_world(backend_name):
-    """A real allreduce through hpcgan's backend: every rank must see the launcher's world."""
-    from hpcgan.dist import make_backend
+def check_world(backend_name, device="auto"):
+    """A real allreduce through hpcgan's backend: every rank must see the launcher's world. Then the
+    same collectives on the training device (NCCL on GPUs, with a SyncBatchNorm forward), as every
+    training start runs them."""
+    from hpcgan.parallel import make_backend
+    from hpcgan.parallel.device_check import check_device_collectives
     import torch
 
     try:
-        backend = make_backend(backend_name, device="cpu")
+        backend = make_backend(backend_name, device=device)
+        on_device = check_device_collectives(backend, sync_bn=True)
     except Exception as exc:
         return Check("world", False, f"{type(exc).__name__}: {exc}", "see the message; `hpcgan doctor` under 1 process first")
     total = backend.allreduce_(torch.tensor([float(backend.rank + 1)]), "sum").item()
@@ -161,7 +177,7 @@ def check_world(backend_name):
     placement = "; ".join(f"{host}: ranks {','.join(map(str, ranks))}" for host, ranks in ranks_on.items())
     detail = (f"{backend.name} backend: world of {backend.world_size}, ranks report sizes {sizes}, "
               f"allreduce sum {total:g} (expected {expected:g}) across {len(ranks_on)} host(s) ({placement})"
-              + (f", SLURM_NTASKS={ntasks}" if ntasks else ""))
+              + (f", SLURM_NTASKS={ntasks}" if ntasks else "") + f"; {on_device}")
     fix = "" if ok else "ranks disagree on the world: check the MPI/PMI set-up (srun --mpi=pmix, same MPI as mpi4py)"
     return Check("world", ok, detail, fix), backend
 
@@ -171,8 +187,8 @@ def run(args):
     checks = [check_python(), check_torch(), check_mpi(), check_mpi4py(), check_h5py(), check_nibabel(),
               check_horovod(), check_slurm()]
     backend = None
-    if env.world_size > 1:
-        result = check_world(args.backend)
+    if env.world_size > 1 or (args.device != "cpu" and _gpu_visible()):  # on a GPU: NCCL even for 1 rank
+        result = check_world(args.backend, args.device)
         check, backend = result if isinstance(result, tuple) else (result, None)
         checks.append(check)
         get_logger("doctor").debug("this rank: %s", ", ".join(f"{c.name} {'ok' if c.ok else 'FAIL'}" for c in checks))

@@ -76,7 +76,7 @@ def read_samples(samples_dir, limit=None):
     return images, provenance
 
 
-def generated_images(args, comm):
+def generated_images(args, group):
     """The generated set, the same on every rank: read, or generated on rank 0 and broadcast."""
     if args.samples:
         return read_samples(args.samples, args.num_images)
@@ -87,10 +87,10 @@ def generated_images(args, comm):
     path = resolve_checkpoint(args.checkpoint)
     n = args.num_images or 1000
     payload = None
-    if comm is None or comm.Get_rank() == 0:
+    if group.is_root:
         payload = (generate_images(path, n, seed=args.seed), {"source": "checkpoint", "checkpoint_sha256":
                                                               sha256_file(path)})
-    return payload if comm is None else comm.bcast(payload, root=0)
+    return group.broadcast_object(payload)
 
 
 def real_images(dataset_dir, max_real, seed):
@@ -122,34 +122,33 @@ def check_args(args):
 
 
 def run(args):
-    from hpcgan.dist import launch_env, mpi_comm
+    from hpcgan.parallel.group import world_group
     from hpcgan.io import check_writable_dir, write_json_atomic
     from hpcgan.metrics import evaluate, format_table
 
     # Every rank checks every input before the first collective: a bad flag is exit 2 everywhere.
-    env = launch_env()
     metrics = check_args(args)
     out_dir = check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     worst_dir = args.worst_dir or os.path.join(out_dir, "worst-pairs")
     train, val = real_images(args.data, args.max_real, args.seed)
-    comm = mpi_comm() if env.world_size > 1 else None
-    fake, provenance = generated_images(args, comm)
+    group = world_group()
+    fake, provenance = generated_images(args, group)
     if len(fake) < 2:
         raise UsageError(f"{args.samples or args.checkpoint}: {len(fake)} generated images; need at least 2")
     log.info("evaluating %d generated images against %d train and %d val slices on %d rank(s)",
-             len(fake), len(train), 0 if val is None else len(val), env.world_size)
+             len(fake), len(train), 0 if val is None else len(val), group.world_size)
 
     results = {}
-    with progress_bar(len(metrics), "evaluate", "metrics", enabled=env.rank == 0) as bar:
+    with progress_bar(len(metrics), "evaluate", "metrics", enabled=group.is_root) as bar:
         for name in metrics:
-            results.update(evaluate(fake, train, val, metrics=(name,), comm=comm, seed=args.seed,
+            results.update(evaluate(fake, train, val, metrics=(name,), group=group, seed=args.seed,
                                     worst_dir=worst_dir if name == "memorization" else None,
                                     fid_weights=args.fid_weights))
             bar.update(1)
-    if env.rank == 0:
+    if group.is_root:
         report = {"format": FORMAT, "format_version": 1, "metrics": results, "generated": {**provenance,
                   "count": len(fake)}, "real": {"train": len(train), "val": 0 if val is None else len(val)},
-                  "image_shape": list(train.shape[1:]), "seed": args.seed, "world_size": env.world_size}
+                  "image_shape": list(train.shape[1:]), "seed": args.seed, "world_size": group.world_size}
         if "memorization" in results and results["memorization"].get("worst"):
             report["worst_dir"] = os.path.relpath(worst_dir, out_dir)  # relative: no absolute paths
         write_json_atomic(args.out, report)

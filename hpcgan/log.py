@@ -2,7 +2,7 @@
 import logging
 import sys
 
-from hpcgan.dist.env import launch_env
+from hpcgan.parallel.env import launch_env
 
 LOGGER_NAME = "hpcgan"
 

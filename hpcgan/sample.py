@@ -189,7 +189,8 @@ def check_nifti_geometry(dataset, source):
 
 def run(args):
     from hpcgan.checkpoint import load_checkpoint, resolve_checkpoint
-    from hpcgan.dist import launch_env, mpi_comm
+    from hpcgan.parallel import launch_env
+    from hpcgan.parallel.group import world_group
     from hpcgan.io import check_writable_dir, sha256_file, write_json_atomic
 
     # Every input is checked on every rank before any collective or any file.
@@ -209,21 +210,21 @@ def run(args):
         check_nifti_geometry(dataset, path)
     out = check_writable_dir(args.out)
     sha = sha256_file(path)
+    group = world_group()  # after the checks, before the first stack: a world MPI does not see fails at once
 
     config = ckpt.get("config") or {}
     attrs = {"checkpoint_sha256": sha, "step": int(ckpt.get("step") or 0), "seed": args.seed,
              "labels": labels or [], "config": config}
-    mine = range(env.rank, args.num_stacks, env.world_size)
+    mine = range(group.rank, args.num_stacks, group.world_size)
     files = []
-    with progress_bar(len(mine) * args.stack_size, "sampling", "images", enabled=env.rank == 0) as bar:
+    with progress_bar(len(mine) * args.stack_size, "sampling", "images", enabled=group.is_root) as bar:
         for k in mine:
             images = generate_images(G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size,
                                      stream=k, progress=bar)
             files += write_stack(out, k, images, formats, {**attrs, "stack_index": k}, dataset)
 
-    comm = mpi_comm() if env.world_size > 1 else None
-    every_rank = comm.gather(files, root=0) if comm is not None else [files]
-    if env.rank == 0:
+    every_rank = group.gather_object(files)
+    if group.is_root:
         index = {"checkpoint_sha256": sha, "step": attrs["step"], "seed": args.seed, "num_stacks": args.num_stacks,
                  "stack_size": args.stack_size, "formats": formats, "ema": args.ema, "labels": labels or [],
                  "files": sorted(f for rank_files in every_rank for f in rank_files), "config": config}

@@ -17,7 +17,7 @@ log = get_logger("train")
 
 
 def add_arguments(parser):
-    from hpcgan.dist import BACKENDS
+    from hpcgan.parallel import BACKENDS
 
     parser.add_argument("--config", required=True, metavar="NAME_OR_YAML",
                         help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128) or a YAML file")
@@ -47,12 +47,23 @@ def load_train_config(config, overrides):
     if cfg.eval.every_steps and cfg.checkpoint.best_metric not in cfg.eval.metrics:
         raise UsageError(f"{config}: checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not among "
                          f"eval.metrics {cfg.eval.metrics}")
-    if cfg.train.amp == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"{config}: 'train.amp' fp16 needs CUDA (use bf16 on CPUs)")
     return cfg
+
+
+def check_amp(cfg, device: str, config):
+    """train.amp against the device training will use (--device auto: a GPU when one is visible)."""
+    import torch
+
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cfg.train.amp == "fp16" and not on_cuda:
+        raise UsageError(f"{config}: 'train.amp' fp16 needs CUDA (use bf16 on CPUs)")
+    if cfg.train.amp == "bf16" and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise UsageError(f"{config}: 'train.amp' bf16 is not supported by {name} (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))} < 8.0): use fp16")
+    if cfg.train.fp16_allreduce and cfg.train.amp != "fp16":
+        log.warning("train.fp16_allreduce without train.amp=fp16: gradients below 6e-8 vanish in the fp16 "
+                    "allreduce (fp16 AMP's loss scaling keeps them in range)")
 
 
 def check_dataset(cfg, dataset_dir) -> dict:
@@ -88,12 +99,14 @@ def check_resume(args, run_dir):
 
 
 def run(args):
-    from hpcgan.dist import launch_env, make_backend
+    from hpcgan.parallel import launch_env, make_backend
+    from hpcgan.parallel.device_check import check_device_collectives
     from hpcgan.io import check_writable_dir
 
     # Everything that can be wrong with the input is found here, on every rank, before MPI starts.
     env = launch_env()
     cfg = load_train_config(args.config, args.set)
+    check_amp(cfg, args.device, args.config)
     manifest = check_dataset(cfg, args.data)
     run_dir = Path(args.out)
     if env.rank == 0:
@@ -101,9 +114,11 @@ def run(args):
     resume = check_resume(args, run_dir)
     _check_batches(cfg, manifest, env.world_size, args.data)
 
-    backend = make_backend(args.backend, device=args.device, fp16_allreduce=cfg.train.fp16_allreduce)
+    backend = make_backend(args.backend, device=args.device, fp16_allreduce=cfg.train.fp16_allreduce,
+                           collective_timeout_s=cfg.train.collective_timeout_s)
+    checked = check_device_collectives(backend, sync_bn=cfg.train.sync_bn)
     state = load_resume_state(resume, run_dir, cfg, backend)
-    log.info("%s backend, %d process(es), device %s", backend.name, backend.world_size, backend.device)
+    log.info("%s backend, %d process(es), device %s; %s", backend.name, backend.world_size, backend.device, checked)
 
     from hpcgan.training_loop import train
 

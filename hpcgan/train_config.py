@@ -41,16 +41,25 @@ class TrainConfig:
     ema_decay: float = 0.999  # exponential moving average of G's weights, used for sampling; 0 = off
     diffaugment: str = ""  # comma list of translation, cutout, color
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # fp16 gradient compression; gradients are divided by the world size before the cast (no overflow
+    # of the fp16 sum of scaled AMP gradients).
     fp16_allreduce: bool = False
     sync_bn: bool = False  # hvd.SyncBatchNorm / torch SyncBatchNorm; GPU only
     labels: Literal["none", "mask"] = "none"  # conditional GAN: class = slice's mask has a lesion
     flip: bool = False
+    # Data loader processes per rank (persistent, started by forkserver: forking after MPI/NCCL is unsafe).
     num_workers: int = 0
+    # Deterministic CUDA kernels, no TF32, no cuDNN benchmarking: bit-exact runs on the same GPUs and software,
+    # slower. CPU runs are deterministic either way (for a given number of threads).
+    deterministic: bool = False
     # A NaN/inf loss or weight on any rank: stop every rank (exit 65, nothing non-finite checkpointed),
     # or roll back to the newest checkpoint and go on with the next data and new latents, at most
     # max_rollbacks times in the run before stopping.
     nonfinite: Literal["stop", "rollback"] = "stop"
     max_rollbacks: int = 3
+    # How long a rank waits in one collective before the job is ended (NCCL/Gloo timeout, Horovod's stall
+    # shutdown): longer than the slowest rank-0 duty (evaluation, checkpoint) that the others wait for.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -61,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
+        if not self.collective_timeout_s >= 60:
+            raise ValueError(f"train.collective_timeout_s: must be >= 60, got {self.collective_timeout_s}")
         if self.max_rollbacks < 0:
             raise ValueError(f"train.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
         from hpcgan.augment import POLICIES

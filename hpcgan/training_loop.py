@@ -1,5 +1,5 @@
 """The training loop, top to bottom. It sees the distributed job only through a backend
-(hpcgan/dist/backend.py) and leaves every rank-0 duty (files, logs, checkpoints, samples,
+(hpcgan/parallel/backend.py) and leaves every rank-0 duty (files, logs, checkpoints, samples,
 evaluation) to the coordinator.
 
 Reproducibility contract (what makes 2 ranks equal 1 process and resume bit-exact):
@@ -13,6 +13,7 @@ Reproducibility contract (what makes 2 ranks equal 1 process and resume bit-exac
   place at a checkpoint would make a run that stopped there differ from one that went on."""
 import copy
 import hashlib
+import os
 import random
 import signal
 import time
@@ -27,7 +28,7 @@ from hpcgan.augment import diff_augment
 from hpcgan.checkpoint import capture_rng_state, restore_rng_state
 from hpcgan.config import to_dict
 from hpcgan.data import make_loader
-from hpcgan.errors import HpcganError
+from hpcgan.errors import HpcganError, UsageError
 from hpcgan.log import get_logger
 from hpcgan.losses import clip_weights_, d_loss, g_loss
 from hpcgan.networks import build_discriminator, build_generator
@@ -60,13 +61,43 @@ def seed_rank(seed: int, rank: int, step: int = 0):
     random.seed(s)
 
 
+def set_determinism(deterministic: bool, device: torch.device, resize_mode: str = "nearest"):
+    """train.deterministic: the same weights from the same seed on the same GPUs and software, at some
+    speed. CUDA's defaults are not: cuDNN picks convolution algorithms by timing them (benchmark) and
+    some use atomics, scatter/index backward kernels add in arrival order, and TF32 rounds fp32 matmuls
+    and convolutions to 10 mantissa bits. Off: torch's defaults, plus cuDNN benchmarking on CUDA (the
+    input shapes never change, so the timing pays once). Call before the first CUDA matmul: cuBLAS
+    reads CUBLAS_WORKSPACE_CONFIG when it creates its handle."""
+    if not deterministic:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        return
+    if device.type == "cuda" and resize_mode != "nearest":
+        # torch raises in the middle of the first backward: say so before anything starts.
+        raise UsageError(f"train.deterministic: model.resize_mode={resize_mode} has no deterministic CUDA backward "
+                         "(torch refuses it); use model.resize_mode=nearest or train.deterministic=false")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a fixed cuBLAS workspace per stream
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def latent_slice(seed, step, stream, global_batch, latent_dim, num_classes, rank, batch, device):
-    """This rank's slice of the global batch of latents (and fake class labels) for `step`."""
+    """This rank's slice of the global batch of latents (and fake class labels) for `step`. Drawn on the
+    CPU (the same numbers on any device); on CUDA copied from pinned memory without waiting."""
     g = torch.Generator().manual_seed(seed_for(seed, step, stream))
     z = torch.randn(global_batch, latent_dim, generator=g)
     labels = torch.randint(0, max(num_classes, 1), (global_batch,), generator=g)
     part = slice(rank * batch, (rank + 1) * batch)
-    return z[part].to(device), (labels[part].to(device) if num_classes else None)
+    z, labels = z[part], (labels[part] if num_classes else None)
+    if device.type != "cuda":
+        return z, labels
+    # A non-blocking copy from pageable memory is a synchronous one; pinned, it overlaps the GPU's work.
+    return (z.pin_memory().to(device, non_blocking=True),
+            labels.pin_memory().to(device, non_blocking=True) if labels is not None else None)
 
 
 def fixed_grid_latents(seed, n, latent_dim, num_classes, device):
@@ -192,6 +223,7 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
     rank, world, device = backend.rank, backend.world_size, backend.device
     tc, lc = cfg.train, cfg.loss
     batch, global_batch = tc.batch_size, tc.batch_size * world
+    set_determinism(tc.deterministic, device, cfg.model.resize_mode)
 
     # Networks: same init on every rank (seeded), then rank 0's weights broadcast for certainty.
     torch.manual_seed(tc.seed)
@@ -211,7 +243,7 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
     scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
 
     loader, sampler = make_loader(dataset_dir, "train", batch, rank, world, tc.seed, flip=tc.flip,
-                                  labels=tc.labels, num_workers=tc.num_workers)
+                                  labels=tc.labels, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
     num_classes = cfg.model.num_classes
     p = Progress()
     if resume_state is not None:
@@ -224,9 +256,9 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
     # What samples (grids, evaluation): G-EMA, or without EMA a copy of G that sync_buffers refreshes.
     G_sampling = G_ema if G_ema is not None else copy.deepcopy(G).eval().requires_grad_(False)
     sampler.set_epoch(p.epoch, p.batch_in_epoch)
-    batches = iter(loader)  # draws from the torch RNG: before the RNG state is set below
+    batches = iter(loader)
     if resume_state is not None and rank < len(resume_state["rng"]):
-        restore_rng_state(resume_state["rng"][rank])
+        restore_rng_state(resume_state["rng"][rank], device)
     else:
         seed_rank(tc.seed, rank, p.step)
     if resume_state is not None:
@@ -264,7 +296,7 @@ def train(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_st
     def snapshot():
         """Everything a bit-exact resume needs. Collective: every rank calls it."""
         states = sync_buffers()
-        gathered = backend.gather_object({"rng": capture_rng_state(), "replica": replica_digest(G, D),
+        gathered = backend.gather_object({"rng": capture_rng_state(device), "replica": replica_digest(G, D),
                                           "buffers": {"G": own_buffers(G), "D": own_buffers(D)}})
         digests = [g["replica"] for g in gathered]
         if len(set(digests)) != 1:  # data parallelism's invariant: every rank holds the same weights
@@ -456,7 +488,7 @@ def _recover_from_nonfinite(cfg, p, backend, coordinator, bad, G, D, G_ema, opt_
     _load_state(state, G, D, G_ema, opt_G, opt_D, scaler_G, scaler_D, p, sampler, tc, backend.world_size)
     (p.epoch, p.batch_in_epoch), p.rollbacks = position, rollbacks
     if backend.rank < len(state["rng"]):
-        restore_rng_state(state["rng"][backend.rank])
+        restore_rng_state(state["rng"][backend.rank], backend.device)
     restore_own_buffers(state, backend.rank, backend.world_size, G, D)
     p.take()  # the abandoned steps' loss sums
     return True

@@ -13,12 +13,16 @@
 #      MPI on PATH, and hpcgan with its dependencies.
 #   4. Horovod 0.28.1 built from its PyPI sdist (sha256-pinned) with one patch: its CMake files ask
 #      for C++14, torch >= 2.1 headers need C++17; both lines are set to 17 (upstream PR #3998,
-#      never released). PyTorch only; MPI + Gloo controllers; NCCL when torch has CUDA. The wheel
-#      is cached in $HPCGAN_CACHE (default ~/.cache/hpcgan), keyed by the Horovod, torch, CUDA,
-#      MPI and Python versions, so it is built once per machine.
+#      never released). PyTorch only; MPI + Gloo controllers; NCCL when torch has CUDA (then nvcc
+#      and NCCL are required: scripts/horovod-build.sh finds them). The wheel is cached in
+#      $HPCGAN_CACHE (default ~/.cache/hpcgan), keyed by the Horovod, torch, CUDA (+ NCCL), MPI and
+#      Python versions, so it is built once per machine.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# say, die, have and the decisions about the Horovod build (cache key, stamp, nvcc, NCCL, check).
+# shellcheck source=scripts/horovod-build.sh
+source "$ROOT/scripts/horovod-build.sh"
 VENV=${HPCGAN_VENV:-$ROOT/.venv}
 CACHE=${HPCGAN_CACHE:-$HOME/.cache/hpcgan}
 TORCH_SPEC=${HPCGAN_TORCH:-torch==2.13.0}
@@ -28,10 +32,7 @@ PY=${PYTHON:-python3}
 # 1 (default): also what the tests need (shellcheck, chromium, pytest...); containers/install.sh sets 0.
 DEV_TOOLS=${HPCGAN_DEV_TOOLS:-1}
 
-say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
-die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" = 0 ]; }
-have() { command -v "$1" >/dev/null 2>&1; }
 
 apt_install() {  # apt_install PKG... — only as root on a Debian-like system
   is_root && have apt-get || return 1
@@ -70,11 +71,18 @@ MPI_VERSION=$(mpirun --version 2>&1 | head -1 | tr -cs 'A-Za-z0-9.' '-' | sed 's
 VPY="$VENV/bin/python"
 pip() { "$VPY" -m pip --disable-pip-version-check -q "$@"; }
 STAMP="$VENV/.hpcgan-setup"
-want_stamp=$(cat "$ROOT/setup.cfg" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)-$MPI_VERSION
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] && "$VPY" -c 'import hpcgan, horovod.torch, mpi4py.MPI' 2>/dev/null; then
-  say "up to date ($VENV)"
-  "$VENV/bin/horovodrun" --check-build
-  exit 0
+# The torch there now (none yet: "none none"): part of the stamp, so a torch switched between its CPU
+# and CUDA builds gets its own Horovod.
+read -r TORCH_VERSION CUDA_VERSION _ < <(torch_build "$VPY" 2>/dev/null || echo none none)
+want_stamp=$(setup_stamp "$ROOT" "$MPI_VERSION" "$TORCH_VERSION" "$CUDA_VERSION")
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] &&
+  "$VPY" -c 'import hpcgan, horovod.torch, mpi4py.MPI' 2>/dev/null; then
+  check=$("$VENV/bin/horovodrun" --check-build) || check=""  # a failing check: install again below
+  if (check_horovod_build "$check" "$CUDA_VERSION"); then
+    say "up to date ($VENV)"
+    echo "$check"
+    exit 0
+  fi
 fi
 if ! "$VPY" -c 'import torch' 2>/dev/null; then
   say "installing $TORCH_SPEC"
@@ -88,13 +96,24 @@ extras=sample-data
 pip install -e "${ROOT}[$extras]"
 
 # --- 4. Horovod ----------------------------------------------------------------------------
-read -r TORCH_VERSION CUDA_VERSION PY_TAG < <("$VPY" -c 'import sys, torch; print(torch.__version__.split("+")[0], torch.version.cuda or "cpu", f"py{sys.version_info[0]}{sys.version_info[1]}")')
-KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$CUDA_VERSION-$MPI_VERSION-$PY_TAG"
+read -r TORCH_VERSION CUDA_VERSION PY_TAG < <(torch_build "$VPY")
+NCCL_VERSION=""
+if [ "$CUDA_VERSION" != cpu ]; then
+  find_nccl "$VPY" "$CUDA_VERSION"
+  NCCL_VERSION=$(nccl_version "$NCCL_INCLUDE_DIR/nccl.h")
+  say "NCCL ${NCCL_VERSION:-of unknown version}: $NCCL_LIB"
+fi
+KEY=$(horovod_cache_key "$HOROVOD_VERSION" "$TORCH_VERSION" "$CUDA_VERSION" "$MPI_VERSION" "$PY_TAG" "$NCCL_VERSION")
 WHEEL_DIR="$CACHE/wheels/$KEY"
 if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($CUDA_VERSION, $MPI_VERSION); a few minutes, once per machine"
   BUILD=$(mktemp -d)
   trap 'rm -rf "$BUILD"' EXIT
+  if [ "$CUDA_VERSION" != cpu ]; then
+    find_nvcc "$CUDA_VERSION"
+    horovod_nccl_env "$BUILD/nccl"
+    say "nvcc: $HOROVOD_CUDA_HOME/bin/nvcc; NCCL for the build: $HOROVOD_NCCL_LIB (${HOROVOD_NCCL_LINK:-static})"
+  fi
   pip download --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
   echo "$HOROVOD_SHA256  $BUILD/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet ||
     die "horovod-$HOROVOD_VERSION.tar.gz does not match its pinned sha256"
@@ -117,7 +136,6 @@ pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
 pip install cffi cloudpickle psutil pyyaml packaging  # Horovod's own runtime dependencies
 check=$("$VENV/bin/horovodrun" --check-build)
 echo "$check"
-grep -q '\[X\] PyTorch' <<<"$check" || die "Horovod was built without PyTorch support (see the build log above)"
-grep -q '\[X\] MPI' <<<"$check" || die "Horovod was built without its MPI controller (is mpicc the MPI that mpirun runs?)"
-echo "$want_stamp" > "$STAMP"
+check_horovod_build "$check" "$CUDA_VERSION" "$WHEEL_DIR"
+setup_stamp "$ROOT" "$MPI_VERSION" "$TORCH_VERSION" "$CUDA_VERSION" > "$STAMP"
 say "done"

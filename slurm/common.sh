@@ -43,7 +43,7 @@ HPCGAN_VENV=$(hpcgan_abs "${HPCGAN_VENV:-$HPCGAN_ROOT/.venv}")
 HPCGAN_LOGS=$(hpcgan_abs "${HPCGAN_LOGS:-logs}")
 mkdir -p "$HPCGAN_LOGS"
 export PYTHONUNBUFFERED=1
-HPCGAN_EXIT_REQUEUE=75  # hpcgan.train.EXIT_REQUEUE: checkpointed after a preemption signal
+HPCGAN_EXIT_REQUEUE=75  # hpcgan.training_loop.EXIT_REQUEUE: checkpointed after a preemption signal
 HPCGAN_BINDS=()  # directories the container must see (added by hpcgan_bind)
 
 hpcgan_bind() {  # hpcgan_bind DIR...: create DIR and make it visible inside the container
@@ -84,6 +84,12 @@ hpcgan_launch() {  # hpcgan_launch ARGS...: hpcgan ARGS on every task of this jo
   hpcgan_command
   local ntasks=${HPCGAN_STEP_NTASKS:-${SLURM_NTASKS:-1}}
   export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}  # torch threads = the cores Slurm gave each rank
+  if [ -n "${SLURM_JOB_GPUS:-}${SLURM_GPUS_ON_NODE:-}${SLURM_GPUS_PER_TASK:-}${SLURM_GPUS_PER_NODE:-}" ] &&
+     [ "${SLURM_GPUS_ON_NODE:-}" != 0 ] && [ "${SLURM_CPUS_PER_TASK:-1}" -lt 2 ]; then
+    # One core would be shared by the rank's main thread, Horovod's and NCCL's threads and its data workers.
+    echo "hpcgan slurm: warning: GPU job with ${SLURM_CPUS_PER_TASK:-1} CPU per task starves each rank:" \
+      "submit with --cpus-per-task=4 (the commented #SBATCH lines; pipeline.sh: HPCGAN_CPUS_PER_TASK)" >&2
+  fi
   local tag="${SLURM_JOB_NAME:-hpcgan}-${SLURM_JOB_ID:-local}"
   local launcher
   case "${HPCGAN_LAUNCHER:-srun}" in

@@ -48,12 +48,19 @@ export HPCGAN_NODES  # each job checks that it got them (hpcgan_check_nodes)
 [ -z "${HPCGAN_TASKS_PER_NODE:-}" ] || hpcgan_count HPCGAN_TASKS_PER_NODE "$HPCGAN_TASKS_PER_NODE"
 nodes=(--nodes="$HPCGAN_NODES" ${HPCGAN_NODELIST:+--nodelist="$HPCGAN_NODELIST"})
 gpu=("${nodes[@]}") one_gpu=()
+# Cores per rank of the train, sweep and sample jobs: a GPU rank needs several (main thread, Horovod's
+# background thread, NCCL's proxy thread, data workers), so 4 by default with GPUs; on CPU nodes the
+# scripts' #SBATCH line (1) unless HPCGAN_CPUS_PER_TASK says otherwise.
+[ -z "${HPCGAN_CPUS_PER_TASK:-}" ] || hpcgan_count HPCGAN_CPUS_PER_TASK "$HPCGAN_CPUS_PER_TASK"
 if [ "${HPCGAN_GPUS_PER_NODE:-0}" -gt 0 ]; then
   gpu+=(--gpus-per-node="$HPCGAN_GPUS_PER_NODE" --ntasks-per-node="${HPCGAN_TASKS_PER_NODE:-$HPCGAN_GPUS_PER_NODE}")
   one_gpu=(--gpus-per-task=1)
+  : "${HPCGAN_CPUS_PER_TASK:=4}"
 elif [ -n "${HPCGAN_TASKS_PER_NODE:-}" ]; then
   gpu+=(--ntasks-per-node="$HPCGAN_TASKS_PER_NODE")
 fi
+gpu+=(${HPCGAN_CPUS_PER_TASK:+--cpus-per-task="$HPCGAN_CPUS_PER_TASK"})
+one_gpu+=(${HPCGAN_CPUS_PER_TASK:+--cpus-per-task="$HPCGAN_CPUS_PER_TASK"})
 nodes+=(${HPCGAN_TASKS_PER_NODE:+--ntasks-per-node="$HPCGAN_TASKS_PER_NODE"})
 
 after=()

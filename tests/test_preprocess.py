@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi, write_phi_laden_copy
 
-from hpcgan.preprocess.command import assign_shards, shards_of_rank, split_subjects
+from hpcgan.preprocess.plan import assign_shards, shards_of_rank, split_subjects
 
 SMALL = ("--size", "64", "--slices", "80:84", "--min-brain-fraction", "0")
 

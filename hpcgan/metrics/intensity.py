@@ -5,7 +5,8 @@ Background is -1 after preprocessing; a generator only gets close, so "backgroun
 pixel at or below BACKGROUND (about 6 grey levels of 255 above black)."""
 import numpy as np
 
-from hpcgan.dist.split import map_units
+from hpcgan.parallel.group import ONE_PROCESS
+from hpcgan.parallel.split import map_units
 
 BACKGROUND = -0.95
 BINS = 256
@@ -14,7 +15,7 @@ BINS = 256
 IMAGES_PER_UNIT = 64
 
 
-def histogram(images, comm=None) -> np.ndarray:
+def histogram(images, group=ONE_PROCESS) -> np.ndarray:
     """Counts (BINS,) of the foreground pixels over [BACKGROUND, 1], images split across ranks."""
     units = range(0, len(images), IMAGES_PER_UNIT)
 
@@ -23,7 +24,7 @@ def histogram(images, comm=None) -> np.ndarray:
         values = values[values > BACKGROUND]
         return np.histogram(np.clip(values, BACKGROUND, 1.0), bins=BINS, range=(BACKGROUND, 1.0))[0]
 
-    return np.sum(map_units(comm, len(units), unit), axis=0)
+    return np.sum(map_units(group, len(units), unit), axis=0)
 
 
 def wasserstein1(counts_a: np.ndarray, counts_b: np.ndarray) -> float | None:
@@ -39,16 +40,16 @@ def foreground_fraction(counts: np.ndarray, images) -> float:
     return float(counts.sum() / max(1, np.prod(np.shape(images))))
 
 
-def compute(fake, train, val, comm=None, **_):
+def compute(fake, train, val, group=ONE_PROCESS, **_):
     """value: W1(generated, train); baseline: W1(val, train)."""
-    h_fake, h_train = histogram(fake, comm), histogram(train, comm)
+    h_fake, h_train = histogram(fake, group), histogram(train, group)
     out = {"value": wasserstein1(h_fake, h_train), "baseline": None,
            "foreground_fraction": {"generated": foreground_fraction(h_fake, fake),
                                    "train": foreground_fraction(h_train, train)}}
     if out["value"] is None:
         out["note"] = "no foreground pixels in the generated or the training images"
     if val is not None and len(val):
-        h_val = histogram(val, comm)
+        h_val = histogram(val, group)
         out["baseline"] = wasserstein1(h_val, h_train)
         out["foreground_fraction"]["val"] = foreground_fraction(h_val, val)
     return out

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcgan.dist.split import comm_rank, map_units
+from hpcgan.parallel.group import ONE_PROCESS
+from hpcgan.parallel.split import map_units
 from hpcgan.metrics.msssim import ssim
 
 FINGERPRINT_SIZE = 32
@@ -57,7 +58,7 @@ def nearest(query: torch.Tensor, reference: torch.Tensor):
     return index.numpy(), np.sqrt(np.maximum(best.numpy(), 0.0) / ref.shape[1])
 
 
-def nearest_training(images, train, train_fp, comm=None):
+def nearest_training(images, train, train_fp, group=ONE_PROCESS):
     """(nearest training index, RMS distance, SSIM of the pair) for every image, split across ranks."""
     units = range(0, len(images), IMAGES_PER_UNIT)
 
@@ -66,7 +67,7 @@ def nearest_training(images, train, train_fp, comm=None):
         idx, dist = nearest(torch.as_tensor(chunk), train_fp)
         return idx, dist, ssim(chunk, train[idx])
 
-    parts = map_units(comm, len(units), unit)
+    parts = map_units(group, len(units), unit)
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 
@@ -80,20 +81,20 @@ def write_worst_pairs(fake, train, worst: list, worst_dir):
         write_png(contact_sheet(pair, nrow=2), os.path.join(worst_dir, row["png"]))
 
 
-def compute(fake, train, val, comm=None, worst_dir=None, **_):
+def compute(fake, train, val, group=ONE_PROCESS, worst_dir=None, **_):
     """value: fraction of generated images closer to a training image than the 1st percentile of
     validation→training distances; baseline: the same fraction for the validation images."""
     if val is None or len(val) == 0:
         return {"value": None, "baseline": None, "note": "needs a validation split for its threshold"}
     train_fp = fingerprints(train)
-    f_idx, f_dist, f_ssim = nearest_training(fake, train, train_fp, comm)
-    _, v_dist, v_ssim = nearest_training(val, train, train_fp, comm)
+    f_idx, f_dist, f_ssim = nearest_training(fake, train, train_fp, group)
+    _, v_dist, v_ssim = nearest_training(val, train, train_fp, group)
     threshold = float(np.percentile(v_dist, PERCENTILE))
     value = float(np.mean(f_dist < threshold))
     order = np.argsort(f_dist, kind="stable")[:NUM_WORST]
     worst = [{"generated": int(i), "train": int(f_idx[i]), "distance": float(f_dist[i]), "ssim": float(f_ssim[i]),
               "png": f"worst-{k:03d}.png"} for k, i in enumerate(order)]
-    if worst_dir is not None and comm_rank(comm) == 0:
+    if worst_dir is not None and group.is_root:
         write_worst_pairs(fake, train, worst, worst_dir)
     flagged = value > TOLERANCE
     return {"value": value, "baseline": float(np.mean(v_dist < threshold)), "threshold": threshold,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcgan.dist.split import map_units
+from hpcgan.parallel.group import ONE_PROCESS
+from hpcgan.parallel.split import map_units
 
 MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 DATA_RANGE = 2.0  # images are in [-1, 1]
@@ -102,7 +103,7 @@ def image_pairs(num_images: int, num_pairs: int, seed: int) -> np.ndarray:
     return np.stack([first, (first + offset) % num_images], axis=1)
 
 
-def mean_pair_ms_ssim(images, seed: int = 0, num_pairs: int = NUM_PAIRS, comm=None) -> float:
+def mean_pair_ms_ssim(images, seed: int = 0, num_pairs: int = NUM_PAIRS, group=ONE_PROCESS) -> float:
     """Mean MS-SSIM over random pairs of `images`; the pairs are split across ranks in fixed units."""
     pairs = image_pairs(len(images), num_pairs, seed)
     units = range(0, len(pairs), PAIRS_PER_UNIT)
@@ -111,15 +112,15 @@ def mean_pair_ms_ssim(images, seed: int = 0, num_pairs: int = NUM_PAIRS, comm=No
         p = pairs[units[i]:units[i] + PAIRS_PER_UNIT]
         return ms_ssim(images[p[:, 0]], images[p[:, 1]])
 
-    return float(np.concatenate(map_units(comm, len(units), unit)).mean())
+    return float(np.concatenate(map_units(group, len(units), unit)).mean())
 
 
-def compute(fake, train, val, seed=0, comm=None, **_):
+def compute(fake, train, val, seed=0, group=ONE_PROCESS, **_):
     """value: generated pairs' mean MS-SSIM; baseline: the training images' (real) pairs."""
     if len(fake) < 2 or len(train) < 2:
         return {"value": None, "baseline": None, "note": "needs at least 2 generated and 2 real images"}
-    value = mean_pair_ms_ssim(fake, seed, comm=comm)
-    baseline = mean_pair_ms_ssim(train, seed, comm=comm)
+    value = mean_pair_ms_ssim(fake, seed, group=group)
+    baseline = mean_pair_ms_ssim(train, seed, group=group)
     collapse = value - baseline > COLLAPSE_FRACTION * (1.0 - baseline)
     h, w = fake.shape[-2:]
     return {"value": value, "baseline": baseline, "collapse": bool(collapse),

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpcgan.dist.split import map_units
+from hpcgan.parallel.group import ONE_PROCESS
+from hpcgan.parallel.split import map_units
 from hpcgan.metrics.msssim import blur_matrix
 
 PATCH = 7
@@ -67,7 +68,7 @@ def patch_descriptors(level: np.ndarray, rng) -> np.ndarray:
     return patches.transpose(0, 1, 4, 2, 3).reshape(n * PATCHES_PER_IMAGE, c * PATCH * PATCH)
 
 
-def descriptors(images, seed: int, which: int, comm=None) -> list:
+def descriptors(images, seed: int, which: int, group=ONE_PROCESS) -> list:
     """Per pyramid level, the patch descriptors of a set, computed in fixed chunks of images split
     across ranks; `which` keeps the sets' patch draws apart."""
     units = range(0, len(images), IMAGES_PER_UNIT)
@@ -76,7 +77,7 @@ def descriptors(images, seed: int, which: int, comm=None) -> list:
         levels = laplacian_pyramid(images[units[u]:units[u] + IMAGES_PER_UNIT])
         return [patch_descriptors(level, np.random.default_rng([seed, which, u, i])) for i, level in enumerate(levels)]
 
-    parts = map_units(comm, len(units), unit)
+    parts = map_units(group, len(units), unit)
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
@@ -112,12 +113,12 @@ def directions(dim: int, seed: int, level: int, repeat: int) -> np.ndarray:
     return (d / np.linalg.norm(d, axis=0, keepdims=True)).astype(np.float32)
 
 
-def compute(fake, train, val, seed=0, comm=None, **_):
+def compute(fake, train, val, seed=0, group=ONE_PROCESS, **_):
     """value: SWD(generated, train) ×1e3 averaged over levels; baseline: SWD(val, train)."""
     channels = train.shape[1]
-    sets = {"fake": descriptors(fake, seed, 0, comm), "train": descriptors(train, seed, 1, comm)}
+    sets = {"fake": descriptors(fake, seed, 0, group), "train": descriptors(train, seed, 1, group)}
     if val is not None and len(val):
-        sets["val"] = descriptors(val, seed, 2, comm)
+        sets["val"] = descriptors(val, seed, 2, group)
     num_levels = len(sets["train"])
     stats = [normaliser(d, channels) for d in sets["train"]]
     for name in sets:
@@ -131,7 +132,7 @@ def compute(fake, train, val, seed=0, comm=None, **_):
         return {name: sliced_wasserstein(sorted_projections(sets[name][level], dirs), real)
                 for name in sets if name != "train"}
 
-    results = map_units(comm, len(units), unit)
+    results = map_units(group, len(units), unit)
     per_level = {name: [SCALE * float(np.mean([results[i][name] for i, u in enumerate(units) if u[0] == level]))
                         for level in range(num_levels)] for name in results[0]}
     resolutions = [int(train.shape[-1]) // 2 ** level for level in range(num_levels)]

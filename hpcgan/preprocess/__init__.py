@@ -1,2 +1,4 @@
-"""NIfTI volumes → sharded HDF5 training dataset: `transforms` (pure array functions), `io`
-(finding and checking volumes), `shards` (HDF5 writing), `command` (`hpcgan preprocess`)."""
+"""NIfTI volumes → sharded HDF5 training dataset: `config` (the options and their flags), `nifti`
+(finding and checking volumes), `plan` (subjects → splits → shards, fingerprint), `subject` (one
+subject through the pure array functions of `transforms`), `shards` (HDF5 writing, per-shard
+records), `manifest` (manifest.json), `command` (`hpcgan preprocess`: MPI orchestration)."""

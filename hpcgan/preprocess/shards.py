@@ -1,17 +1,33 @@
 """HDF5 shards: `images` (N, C, H, W) chunked along N, `subject`, `slice_index`, optional
 `masks` (N, H, W), attributes with the normalisation parameters. A shard is written under a
-temporary name and renamed when complete (hpcgan.io.atomic_path)."""
+temporary name and renamed when complete (hpcgan.io.atomic_path); then its record (subjects,
+slices, checksum) goes to .parts/, where a re-run finds the shards it may keep."""
 import json
+import os
 import re
 
 import numpy as np
 
+from hpcgan.errors import UsageError
+from hpcgan.io import HDF5Output, atomic_path, read_json, sha256_file, write_json_atomic
+from hpcgan.log import get_logger
+from hpcgan.preprocess.config import PreprocessConfig
+from hpcgan.preprocess.manifest import DATASET_FORMAT, DATASET_FORMAT_VERSION
+from hpcgan.preprocess.nifti import BadInput
+from hpcgan.preprocess.subject import process_subject, source_files
+
 SHARD_PATTERN = re.compile(r"^(train|val)-(\d{5})-of-(\d{5})\.h5$")
 SUBJECT_ID_BYTES = 64
+PARTS_DIR = ".parts"  # per-shard records (resume) and the plan fingerprint
 
 
 def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.h5"
+
+
+def record_path(out: str, name: str) -> str:
+    """Where the record of shard `name` is kept."""
+    return os.path.join(out, PARTS_DIR, name + ".json")
 
 
 class ShardWriter:
@@ -20,8 +36,6 @@ class ShardWriter:
 
     def __init__(self, path, channels: int, size: int, dtype: str, mask_dtype: str | None, compression: str,
                  chunk_slices: int, attrs: dict):
-        from hpcgan.io import HDF5Output
-
         self.output = HDF5Output(path, track_order=False)  # a full disk fails cleanly (see HDF5Output)
         self.file = self.output.file
         options = {"compression": None if compression == "none" else compression, "track_times": False}
@@ -62,3 +76,60 @@ class ShardWriter:
         for key, value in (attrs or {}).items():
             self.file.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         self.output.close()
+
+
+def shard_is_finished(out: str, shard: dict, fp: str):
+    """The record of a shard finished by an earlier run with the same fingerprint whose file
+    still has the recorded checksum; else None."""
+    path = os.path.join(out, shard["name"])
+    if not os.path.exists(path):
+        return None
+    try:
+        record = read_json(record_path(out, shard["name"]), "shard record", required=False)
+    except UsageError:  # a damaged record: the shard is written again
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fp or record.get("sha256") != sha256_file(path):
+        return None
+    return record
+
+
+def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dict:
+    """Process the shard's subjects in the plan's order and write them to one HDF5 file, then its
+    record. `progress(n_slices)` is called once per subject. Returns the record."""
+    out = cfg.output
+    log = get_logger("preprocess")
+    attrs = {"format": DATASET_FORMAT, "format_version": DATASET_FORMAT_VERSION, "split": shard["split"],
+             "modalities": list(cfg.modalities), "norm": cfg.norm,
+             "norm_params": {"percentiles": cfg.percentiles, "zscore_clip": cfg.zscore_clip,
+                             "ct_level": cfg.ct_level, "ct_width": cfg.ct_width},
+             "pixel_spacing_mm": [plan["fov_mm"] / cfg.size] * 2}
+    subjects, skipped = {}, []
+    path = os.path.join(out, shard["name"])
+    with atomic_path(path) as tmp:
+        writer = ShardWriter(tmp, cfg.num_channels, cfg.size, cfg.dtype, plan["mask_dtype"] if cfg.mask else None,
+                             cfg.compression, cfg.chunk_slices, attrs)
+        try:
+            for sid in shard["subjects"]:
+                files = plan["subjects"][sid]["files"]
+                try:
+                    indices, images, masks, ranges, digests = process_subject(
+                        cfg, sid, files, plan["fov_mm"], plan["mask_dtype"])
+                except BadInput as exc:
+                    if not cfg.skip_bad:
+                        raise
+                    log.warning("skipping %s", exc)
+                    skipped.append({"subject": sid, "reason": exc.reason})
+                    progress(0)
+                    continue
+                writer.append(sid, indices, images, masks)
+                subjects[sid] = {"split": shard["split"], "shard": shard["name"], "slices": len(indices),
+                                 "slice_indices": [int(i) for i in indices], "intensity": ranges,
+                                 "files": source_files(cfg, sid, files, digests)}
+                progress(len(indices))
+        finally:
+            writer.close({"intensity": {sid: s["intensity"] for sid, s in subjects.items()}})
+    record = {"fingerprint": plan["fingerprint"], "name": shard["name"], "split": shard["split"],
+              "slices": sum(s["slices"] for s in subjects.values()), "sha256": sha256_file(path),
+              "subjects": subjects, "skipped": skipped}
+    write_json_atomic(record_path(out, shard["name"]), record)
+    return record

@@ -1,6 +1,6 @@
 """Small pure array functions that turn one NIfTI volume into square 2-D training slices.
 
-Order of use (see `hpcgan.preprocess.command.process_subject`): reorient to RAS → take axial
+Order of use (see `hpcgan.preprocess.subject.process_subject`): reorient to RAS → take axial
 slices as a view oriented for display → normalise to [-1, 1] → pad to a square field of view in
 mm and resize with anti-aliasing (one step) → replicate channels → encode for storage. No torch
 here: a preprocessing rank stays small in memory (numpy, nibabel, h5py only).

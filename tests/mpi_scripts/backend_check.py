@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from hpcgan.dist import make_backend
+from hpcgan.parallel import make_backend
 
 backend_name, out = sys.argv[1], sys.argv[2]
 backend = make_backend(backend_name, device="cpu")
@@ -39,8 +39,6 @@ result = {
     "gathered": backend.allgather(torch.full((2,), float(rank))),
     "object": backend.broadcast_object({"from": rank, "t": torch.arange(3) * (rank + 1)} if rank == 0 else None),
     "all_objects": backend.gather_object({"rank": rank, "text": "x" * (rank + 1)}),
-    "any": backend.any(rank == world - 1),
-    "none": backend.any(False),
     "metrics": backend.mean_metrics({"loss": float(rank)}),
 }
 torch.save(result, f"{out}/rank-{rank}.pt")

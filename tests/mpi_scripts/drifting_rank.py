@@ -6,7 +6,7 @@ import sys
 import torch
 
 from hpcgan.cli import main
-from hpcgan.dist.backend import Backend
+from hpcgan.parallel.backend import Backend
 
 original_step = Backend.step
 

@@ -3,16 +3,24 @@
 The GAN pitfalls (../shared/NOTES.md) handled here: one DistributedOptimizer per network with
 prefixed parameter names (no DUPLICATE_NAME_ERROR), fp16 compression as an option, and the AMP
 order synchronize → unscale → skip_synchronize → step (in Backend.step)."""
+import os
+
 import torch
 
-from hpcgan.dist.backend import Backend, pick_device
+from hpcgan.parallel.backend import Backend, pick_device
 from hpcgan.errors import HpcganError
 
 
 class HorovodBackend(Backend):
     name = "horovod"
 
-    def __init__(self, device: str = "auto", fp16_allreduce: bool = False):
+    def __init__(self, device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0):
+        # Horovod has no collective timeout; its stall inspector shuts the job down when some ranks wait
+        # longer than this for the others (a user's values win). Warnings start at half of it, so a long
+        # rank-0 evaluation does not fill the logs with "stalled ranks".
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(int(collective_timeout_s)))
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(int(min(300, collective_timeout_s / 2))))
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(collective_timeout_s)))
         try:
             import horovod.torch as hvd
         except ImportError as exc:
@@ -41,10 +49,12 @@ class HorovodBackend(Backend):
         self.hvd.shutdown()
 
     def distributed_optimizer(self, optimizer, module, prefix):
+        # fp16 compression: the gradients are cast to fp16, then divided by the world size before the sum
+        # (prescale 1/size, postscale 1): summing first overflows fp16's 65504 with AMP-scaled gradients.
         compression = self.hvd.Compression.fp16 if self.fp16_allreduce else self.hvd.Compression.none
         return self.hvd.DistributedOptimizer(
-            optimizer, named_parameters=module.named_parameters(prefix=prefix),
-            compression=compression, op=self.hvd.Average)
+            optimizer, named_parameters=module.named_parameters(prefix=prefix), compression=compression,
+            op=self.hvd.Average, gradient_predivide_factor=float(self.world_size) if self.fp16_allreduce else 1.0)
 
     def synchronize(self, optimizer):
         optimizer.synchronize()

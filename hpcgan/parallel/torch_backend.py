@@ -12,9 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hpcgan.dist import CollectiveError
-from hpcgan.dist.backend import Backend, pick_device
-from hpcgan.dist.env import launch_env
+from hpcgan.parallel.failure import CollectiveError
+from hpcgan.parallel.backend import Backend, pick_device
+from hpcgan.parallel.env import launch_env
 from hpcgan.errors import HpcganError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "mean": dist.ReduceOp.SUM}
@@ -30,7 +30,7 @@ def rendezvous_address(world_size: int) -> tuple[str, int]:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         return addr, int(port)
-    from hpcgan.dist import mpi_comm
+    from hpcgan.parallel.launch import mpi_comm
 
     comm = mpi_comm()
     if comm is None or comm.Get_size() != world_size:
@@ -43,7 +43,7 @@ def rendezvous_address(world_size: int) -> tuple[str, int]:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "auto", fp16_allreduce: bool = False):
+    def __init__(self, device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0):
         env = launch_env()
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.fp16_allreduce = fp16_allreduce
@@ -51,7 +51,7 @@ class TorchBackend(Backend):
         addr, port = rendezvous_address(self.world_size)
         kind = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(kind, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(minutes=10))
+                                world_size=self.world_size, timeout=timedelta(seconds=collective_timeout_s))
         # Objects and metrics live on the CPU; NCCL only takes CUDA tensors.
         self.cpu_group = dist.new_group(backend="gloo") if kind == "nccl" else None
 
@@ -109,8 +109,12 @@ class TorchBackend(Backend):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.fp16_allreduce and flat.dtype == torch.float32:
-            flat = flat.half()
-        self.allreduce_(flat, "mean")
+            # Divided before the fp16 cast and the sum: summing first overflows fp16 (max 65504) with
+            # AMP-scaled gradients. Horovod does the same (gradient_predivide_factor = world size).
+            flat = flat.div_(self.world_size).half()
+            self.allreduce_(flat, "sum")
+        else:
+            self.allreduce_(flat, "mean")
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()

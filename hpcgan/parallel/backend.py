@@ -1,6 +1,6 @@
 """The small interface the training step sees, and the single-process implementation.
 
-A backend owns: which device this rank uses, gradient averaging (through `distributed_optimizer`
+A backend is a group (hpcgan.parallel.group) with more on top. It owns: which device this rank uses, gradient averaging (through `distributed_optimizer`
 and `step`), broadcasts of parameters and optimizer state, metric averaging, and object exchange.
 Objects travel as `torch.save` bytes and are read back with `weights_only=True`, so nothing
 received from another rank is unpickled as code."""
@@ -10,18 +10,21 @@ import time
 
 import torch
 
-from hpcgan.dist.env import launch_env
+from hpcgan.parallel.env import launch_env, use_cuda
+from hpcgan.parallel.group import Group
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def pick_device(local_rank: int, preference: str = "auto") -> torch.device:
-    """One device per local rank: cuda:<local_rank mod visible GPUs>, or the CPU."""
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+    """One device per local rank: cuda:<local_rank mod visible GPUs>, or the CPU. UsageError where
+    GPUs are expected but missing or shared by ranks (hpcgan.parallel.env.use_cuda)."""
+    visible = visible_gpus()
+    if not use_cuda(preference, torch.version.cuda, visible):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from hpcgan.errors import UsageError
-
-        raise UsageError("--device cuda: torch sees no CUDA device on this node")
-    index = local_rank % torch.cuda.device_count()
+    index = local_rank % visible  # 0 for every rank when srun gives each task its own GPU
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -36,21 +39,19 @@ def from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-class Backend:
+class Backend(Group):
     """Single process. Subclasses override the tensor collectives; everything else is shared."""
 
     name = "none"
-    sync_seconds = 0.0  # accumulated by step(): the exposed cost of gradient averaging
+    # Accumulated by step() (class defaults: subclasses set themselves up without Backend.__init__).
+    _sync_host_s = 0.0
+    _sync_events = ()  # CUDA: (start, end) event pairs around each gradient wait, not yet resolved
 
-    def __init__(self, device: str = "auto", fp16_allreduce: bool = False):
+    def __init__(self, device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0):
         env = launch_env()
         self.rank, self.world_size, self.local_rank = 0, 1, env.local_rank
         self.fp16_allreduce = fp16_allreduce
         self.device = pick_device(self.local_rank, device)
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
 
     # --- tensor collectives (in place where the name says so) ----------------------------------
     def allreduce_(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
@@ -62,9 +63,6 @@ class Backend:
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped tensors of every rank along a new first dimension."""
         return tensor.unsqueeze(0)
-
-    def barrier(self):
-        pass
 
     def shutdown(self):
         pass
@@ -81,12 +79,32 @@ class Backend:
     def skip_synchronize(self, optimizer):
         return contextlib.nullcontext()
 
+    @property
+    def sync_seconds(self) -> float:
+        """Seconds spent so far waiting for gradient averaging: the exposed cost of the allreduce. On
+        CUDA the GPU's own clock, read here (one wait for the last event) rather than at every step."""
+        if self._sync_events:
+            self._sync_events[-1][1].synchronize()
+            self._sync_host_s += sum(start.elapsed_time(end) for start, end in self._sync_events) / 1000
+            self._sync_events = []
+        return self._sync_host_s
+
     def step(self, optimizer, scaler=None):
         """One optimizer step with averaged gradients; with an AMP scaler in the order
         synchronize → unscale → step without a second synchronize → update."""
-        t0 = time.perf_counter()
-        self.synchronize(optimizer)
-        self.sync_seconds += time.perf_counter() - t0  # time the step waits for the gradient allreduce
+        if self.device.type == "cuda":
+            # A host clock around synchronize() would charge the allreduce with the backward kernels
+            # still queued before it (and miss a wait the GPU does after it returns); events on the
+            # stream time what the GPU itself waited between the end of backward and averaged gradients.
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.synchronize(optimizer)
+            end.record()
+            vars(self).setdefault("_sync_events", []).append((start, end))
+        else:
+            t0 = time.perf_counter()
+            self.synchronize(optimizer)
+            self._sync_host_s += time.perf_counter() - t0  # time the step waits for the gradient allreduce
         if scaler is None:
             with self.skip_synchronize(optimizer):
                 optimizer.step()
@@ -144,12 +162,9 @@ class Backend:
         self.allreduce_(values, "mean")
         return dict(zip(keys, values.tolist()))
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any rank (preemption agreement)."""
-        if self.world_size == 1:
-            return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0])
-        return bool(self.allreduce_(value, "max").item() > 0)
+    def convert_sync_batchnorm(self, module: torch.nn.Module) -> torch.nn.Module:
+        """One process: its batch statistics are already those of the whole batch."""
+        return module
 
     def describe(self) -> dict:
         return {"backend": self.name, "world_size": self.world_size, "rank": self.rank,

@@ -1,0 +1,57 @@
+"""The dataset's manifest.json, written by rank 0 after every shard: what the dataset holds
+(shape, splits, shards with checksums, subjects with their slices and source files, skipped
+subjects) and how it was made. `hpcgan.data` reads it back."""
+import numpy as np
+
+from hpcgan import __version__
+from hpcgan.config import to_dict
+
+DATASET_FORMAT = "hpcgan-dataset"  # "format" of the manifest and of every shard's attributes
+DATASET_FORMAT_VERSION = 1
+# Keys that name places on disk or how to treat an existing output: never part of the
+# dataset's identity, and paths never reach the manifest.
+NOT_IN_MANIFEST = ("input", "output", "salt_file", "overwrite")
+
+
+def build_manifest(cfg, plan: dict, records: list) -> dict:
+    """The manifest of a finished run: `cfg` (a PreprocessConfig), the plan (hpcgan.preprocess.plan)
+    and every shard's record (hpcgan.preprocess.shards.write_shard), in the plan's shard order."""
+    subjects, skipped = {}, list(plan["skipped"])
+    order = {shard["name"]: shard["subjects"] for shard in plan["shards"]}
+    for record in records:
+        subjects.update(record["subjects"])
+        skipped += record["skipped"]
+    splits = {}
+    for split in ("train", "val"):
+        mine = [r for r in records if r["split"] == split]
+        splits[split] = {"slices": sum(r["slices"] for r in mine), "shards": [r["name"] for r in mine],
+                         "subjects": sum(len(r["subjects"]) for r in mine)}
+    per_modality = {}
+    for modality in cfg.modalities:
+        los = [s["intensity"][modality][0] for s in subjects.values()]
+        his = [s["intensity"][modality][1] for s in subjects.values()]
+        per_modality[modality] = {"lo": float(np.median(los)), "hi": float(np.median(his))} if los else None
+    first = per_modality[cfg.modalities[0]] or {"lo": 0.0, "hi": 0.0}
+    return {
+        "format": DATASET_FORMAT,
+        "format_version": DATASET_FORMAT_VERSION,
+        "hpcgan_version": __version__,
+        "fingerprint": plan["fingerprint"],
+        "config": {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_MANIFEST},
+        "image_shape": [cfg.num_channels, cfg.size, cfg.size],
+        "dtype": cfg.dtype,
+        "modalities": list(cfg.modalities),
+        "mask": cfg.mask,
+        "has_masks": bool(cfg.mask),
+        "fov_mm": plan["fov_mm"],
+        "pixel_spacing_mm": [plan["fov_mm"] / cfg.size] * 2,
+        "slice_thickness_mm": plan["slice_thickness_mm"],
+        "intensity": {"norm": cfg.norm, "lo": first["lo"], "hi": first["hi"], "per_modality": per_modality},
+        "splits": splits,
+        # Subjects in the order the shard holds them: a record read back from disk (a kept shard)
+        # has its keys sorted, so the order comes from the plan, the same for a fresh and a resumed run.
+        "shards": [{k: r[k] for k in ("name", "split", "slices", "sha256")} |
+                   {"subjects": [sid for sid in order[r["name"]] if sid in r["subjects"]]} for r in records],
+        "subjects": dict(sorted(subjects.items())),
+        "skipped": skipped,
+    }
