@@ -9,11 +9,14 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Every shell script parses and passes shellcheck (tests/test_shell_scripts.py; also part of `make test`).
+# Python: ruff check and ruff format --check (configuration in pyproject.toml); shell: every script
+# parses and passes shellcheck (tests/test_shell_scripts.py). `make test` runs it first.
 lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests/test_shell_scripts.py
 
 demo: setup

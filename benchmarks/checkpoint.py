@@ -12,6 +12,7 @@ Measured in one run, for G + D + G_ema + both Adam states after one real optimiz
   .venv/bin/python benchmarks/checkpoint.py            # full (a few minutes on 2 cores)
   .venv/bin/python benchmarks/checkpoint.py --quick    # smoke run: 3 checkpoints, stacks of 10
 """
+
 import argparse
 import copy
 import json
@@ -55,11 +56,27 @@ def trained_state(cfg: ModelConfig, batch: int = 2) -> dict:
     opt_G.step()
     D.requires_grad_(True)
     G_ema = copy.deepcopy(G)
-    return {"hpcgan_version": "bench", "config": {"model": to_dict(cfg)}, "step": 1, "epoch": 0, "batch_in_epoch": 1,
-            "dataset": {"image_shape": [cfg.channels, cfg.resolution, cfg.resolution], "pixel_spacing_mm": [1.0, 1.0],
-                        "slice_thickness_mm": 1.0, "intensity": {"lo": 0.0, "hi": 255.0}},
-            "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_G": opt_G.state_dict(),
-            "opt_D": opt_D.state_dict(), "scaler_G": None, "scaler_D": None, "rng": [capture_rng_state()]}
+    return {
+        "hpcgan_version": "bench",
+        "config": {"model": to_dict(cfg)},
+        "step": 1,
+        "epoch": 0,
+        "batch_in_epoch": 1,
+        "dataset": {
+            "image_shape": [cfg.channels, cfg.resolution, cfg.resolution],
+            "pixel_spacing_mm": [1.0, 1.0],
+            "slice_thickness_mm": 1.0,
+            "intensity": {"lo": 0.0, "hi": 255.0},
+        },
+        "G": G.state_dict(),
+        "D": D.state_dict(),
+        "G_ema": G_ema.state_dict(),
+        "opt_G": opt_G.state_dict(),
+        "opt_D": opt_D.state_dict(),
+        "scaler_G": None,
+        "scaler_D": None,
+        "rng": [capture_rng_state()],
+    }
 
 
 def synchronous_save(state, path) -> float:
@@ -107,10 +124,28 @@ def sampling_worker(checkpoint: str, images: int):
 
 
 def measure_sampling(checkpoint: Path, ranks: int, images: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
-               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl_vader_single_copy_mechanism="none")
-    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable, __file__,
-           "--sampling-worker", str(checkpoint), "--images", str(images)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+    )
+    cmd = [
+        "mpirun",
+        "-np",
+        str(ranks),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        sys.executable,
+        __file__,
+        "--sampling-worker",
+        str(checkpoint),
+        "--images",
+        str(images),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         sys.exit(f"sampling on {ranks} ranks failed:\n{result.stderr[-3000:]}")
@@ -145,8 +180,10 @@ def main():
         (f"sampling, 1 rank x 1 thread, stack of {stack}", f"{one:.2f} images/s", "1.00"),
         ("sampling, 2 ranks x 1 thread, a stack each", f"{two:.2f} images/s", f"{two / one:.2f}"),
     ]
-    print(f"cepa2023 256x256x3, G+D+G_ema+2 Adam states, {repeats} checkpoints, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"cepa2023 256x256x3, G+D+G_ema+2 Adam states, {repeats} checkpoints, torch {torch.__version__}, "
+        f"{os.cpu_count()} cores"
+    )
     width = max(len(r[0]) for r in rows)
     print(f"{'figure':<{width}}  {'value':>16}  ratio")
     for name, value, ratio in rows:

@@ -10,6 +10,7 @@ this machine does not have. Every rank runs one thread (OMP_NUM_THREADS=1).
   .venv/bin/python benchmarks/evaluate.py            # 1,000 images of 256², 1 and 2 ranks
   .venv/bin/python benchmarks/evaluate.py --quick    # 200 images of 128²
 """
+
 import argparse
 import json
 import os
@@ -26,9 +27,15 @@ METRICS = ("swd", "msssim", "intensity", "memorization")
 
 
 def env1():
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+    )
 
 
 def sh(cmd, timeout=3600):
@@ -41,8 +48,26 @@ def sh(cmd, timeout=3600):
 def make_dataset(root: Path, size: int) -> Path:
     mri, out = root / "mri", root / f"data-{size}"
     sh([PY, "-m", "hpcgan", "sample-data", mri])
-    sh([PY, "-m", "hpcgan", "preprocess", "--input", mri, "--output", out, "--modalities", "t1",
-        "--slices", "30:160", "--val-fraction", "0.5", "--size", str(size)])
+    sh(
+        [
+            PY,
+            "-m",
+            "hpcgan",
+            "preprocess",
+            "--input",
+            mri,
+            "--output",
+            out,
+            "--modalities",
+            "t1",
+            "--slices",
+            "30:160",
+            "--val-fraction",
+            "0.5",
+            "--size",
+            str(size),
+        ]
+    )
     return out
 
 
@@ -90,12 +115,28 @@ def main():
         runs = {}
         for ranks in (1, 2):
             out = root / f"ranks{ranks}.json"
-            sh(["mpirun", "-np", ranks, "--oversubscribe", "--bind-to", "none", PY, __file__, "--worker", dataset,
-                n, out])
+            sh(
+                [
+                    "mpirun",
+                    "-np",
+                    ranks,
+                    "--oversubscribe",
+                    "--bind-to",
+                    "none",
+                    PY,
+                    __file__,
+                    "--worker",
+                    dataset,
+                    n,
+                    out,
+                ]
+            )
             runs[ranks] = json.loads(out.read_text())
     shape = runs[1]["shape"]
-    print(f"evaluate: {shape[0]} generated vs {shape[0]} real images of {shape[2]}x{shape[3]} "
-          f"(+{runs[1]['val']} val slices for the baseline); perturbed real slices; one thread per rank")
+    print(
+        f"evaluate: {shape[0]} generated vs {shape[0]} real images of {shape[2]}x{shape[3]} "
+        f"(+{runs[1]['val']} val slices for the baseline); perturbed real slices; one thread per rank"
+    )
     print(f"{'metric':14s} {'1 rank s':>9s} {'2 ranks s':>10s} {'speed-up':>9s}")
     for name in (*METRICS, "total"):
         one = sum(runs[1]["seconds"].values()) if name == "total" else runs[1]["seconds"][name]

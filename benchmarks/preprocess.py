@@ -11,6 +11,7 @@ subject names (symlinks in a temp dir) to make a cohort large enough to time. On
 
 Run: .venv/bin/python benchmarks/preprocess.py [--quick] [--subjects N] [--size 256]
 """
+
 import argparse
 import json
 import os
@@ -27,9 +28,17 @@ PYTHON = sys.executable
 
 def mpi_env() -> dict:
     env = dict(os.environ)
-    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+            "OMPI_MCA_rmaps_base_oversubscribe": "1",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
@@ -38,11 +47,13 @@ def timed(cmd) -> tuple:
     per-rank process CPU seconds that `hpcgan preprocess --debug` logs (or 0), CPU seconds of
     all its processes), in a fresh wrapper so getrusage(RUSAGE_CHILDREN) sees only this
     command's processes."""
-    wrapper = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-               "w = time.perf_counter() - t; "
-               "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-               "print(json.dumps([r.returncode, w, u.ru_maxrss * 1024, u.ru_utime + u.ru_stime, r.stderr]))")
+    wrapper = (
+        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+        "w = time.perf_counter() - t; "
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(json.dumps([r.returncode, w, u.ru_maxrss * 1024, u.ru_utime + u.ru_stime, r.stderr]))"
+    )
     out = subprocess.run([PYTHON, "-c", wrapper, *map(str, cmd)], capture_output=True, text=True, env=mpi_env())
     code, wall, rss, cpu_total, err = json.loads(out.stdout)
     if code != 0:
@@ -51,20 +62,20 @@ def timed(cmd) -> tuple:
     return wall, rss, max(cpu, default=0.0), cpu_total
 
 
-GEMM_LOOP = ("import numpy as np\n"
-             "a = np.random.rand(300, 300).astype(np.float32)\n"
-             "for _ in range(1500): a @ a\n")
+GEMM_LOOP = "import numpy as np\na = np.random.rand(300, 300).astype(np.float32)\nfor _ in range(1500): a @ a\n"
 
 
 def parallel_ceiling() -> float:
     """Speed-up of 2 concurrent single-threaded numpy processes over 1 on this machine: the
     most any 2-rank run can reach here (cores shared with other jobs or SMT siblings give < 2)."""
+
     def wall(n):
         start = time.perf_counter()
         procs = [subprocess.Popen([PYTHON, "-c", GEMM_LOOP], env=mpi_env()) for _ in range(n)]
         for p in procs:
             p.wait()
         return time.perf_counter() - start
+
     one = min(wall(1) for _ in range(2))
     two = min(wall(2) for _ in range(2))
     return 2 * one / two
@@ -103,6 +114,7 @@ def reading_rates(dataset: Path, items: int) -> tuple:
     order = np.random.default_rng(0).permutation(len(ds))[:items]
     rows = [ds.locate(int(i)) for i in order]
     images = {name: h5py.File(dataset / name, "r")["images"] for name in ds.shard_names}
+
     def read_plain():
         for name, row in rows:
             images[name][row]
@@ -136,13 +148,29 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
         tmp = Path(tmp)
-        subprocess.run([PYTHON, "-m", "hpcgan", "sample-data", tmp / "sample"], check=True, env=mpi_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [PYTHON, "-m", "hpcgan", "sample-data", tmp / "sample"],
+            check=True,
+            env=mpi_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         volumes = make_cohort(tmp / "sample", tmp / "cohort", subjects)
-        common = ["--input", tmp / "cohort", "--modalities", "t1", "--mask", "seg", "--size", size,
-                  "--shards", 16, "--val-fraction", "0.1"]  # shards >> ranks: ranks finish together
-        load_script = ("import sys, nibabel as nib\n"
-                       "for p in sys.argv[1:]: nib.load(p).get_fdata()\n")
+        common = [
+            "--input",
+            tmp / "cohort",
+            "--modalities",
+            "t1",
+            "--mask",
+            "seg",
+            "--size",
+            size,
+            "--shards",
+            16,
+            "--val-fraction",
+            "0.1",
+        ]  # shards >> ranks: ranks finish together
+        load_script = "import sys, nibabel as nib\nfor p in sys.argv[1:]: nib.load(p).get_fdata()\n"
         import nibabel as nib
         import numpy as np
 
@@ -152,8 +180,20 @@ def main():
             "load": [PYTHON, "-c", load_script, *volumes],
             "one": [PYTHON, "-m", "hpcgan", "preprocess", "--debug", *common],
             "ref": [PYTHON, "-m", "hpcgan", "preprocess", *common, "--slices", "60:108"],
-            "two": ["mpirun", "-np", 2, "--oversubscribe", "--bind-to", "none", PYTHON, "-m", "hpcgan", "preprocess",
-                    "--debug", *common],
+            "two": [
+                "mpirun",
+                "-np",
+                2,
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+                PYTHON,
+                "-m",
+                "hpcgan",
+                "preprocess",
+                "--debug",
+                *common,
+            ],
         }
         timed(commands["load"])  # warm the page cache so every run reads from memory
         runs = {name: [] for name in commands}
@@ -161,7 +201,8 @@ def main():
             for name, cmd in commands.items():
                 runs[name].append(timed(cmd + ([] if name == "load" else ["--output", tmp / f"{name}{i}"])))
         (t_load, _, _, c_load), (t1, rss1, cpu1, c1), (t_ref, _, _, c_ref), (t2, rss2, cpu2, _) = (
-            min(runs[name]) for name in ("load", "one", "ref", "two"))
+            min(runs[name]) for name in ("load", "one", "ref", "two")
+        )
         slices, ref_slices = (count_slices(tmp / name) for name in ("one0", "ref0"))
         assert count_slices(tmp / "two0") == slices
         train = json.loads((tmp / "one0" / "manifest.json").read_text())["splits"]["train"]["slices"]
@@ -188,8 +229,13 @@ def main():
         ("  SliceDataset / h5py", f"{ds_rate / h5_rate:.2f}", ""),
     ]
     load = os.getloadavg()[0]
-    rows.append(("machine", f"{os.cpu_count()} cores, load average {load:.1f} at the end; best of {args.repeats} "
-                            "interleaved runs", ""))
+    rows.append(
+        (
+            "machine",
+            f"{os.cpu_count()} cores, load average {load:.1f} at the end; best of {args.repeats} interleaved runs",
+            "",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     print(f"{'measure':{width}s}  {'value':{vwidth}s}  goal")

@@ -15,6 +15,7 @@ Every process runs with one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free c
   .venv/bin/python benchmarks/train.py --cuda     # GPU: the study model at 256x256x3 on cuda:0, fp32 and
                                                   # bf16, img/s of `hpcgan train` against the bare loop
 """
+
 import argparse
 import json
 import os
@@ -34,9 +35,15 @@ MODELS = {  # name: (config, preprocess flags, per-rank batch)
 
 
 def env1():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+    )
     return env
 
 
@@ -53,8 +60,25 @@ def make_dataset(root: Path, flags) -> Path:
         sh([PY, "-m", "hpcgan", "sample-data", mri])
     out = root / ("data-" + "-".join(flags).replace("--", ""))
     if not out.exists():
-        sh([PY, "-m", "hpcgan", "preprocess", "--input", mri, "--output", out, "--modalities", "t1",
-            "--slices", "60:108", "--val-fraction", "0", *flags])
+        sh(
+            [
+                PY,
+                "-m",
+                "hpcgan",
+                "preprocess",
+                "--input",
+                mri,
+                "--output",
+                out,
+                "--modalities",
+                "t1",
+                "--slices",
+                "60:108",
+                "--val-fraction",
+                "0",
+                *flags,
+            ]
+        )
     return out
 
 
@@ -68,8 +92,12 @@ def machine_ceiling(dataset, run_dir, config, batch, steps, one):
     """Two independent 1-rank runs at once: what 2 processes get from this machine's cores and memory
     without any communication, the best weak-scaling efficiency 2 ranks could reach here."""
     cmds = [train_cmd(dataset, f"{run_dir}-{i}", config, batch, steps) for i in range(2)]
-    procs = [subprocess.Popen([str(c) for c in cmd], env=env1(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    procs = [
+        subprocess.Popen(
+            [str(c) for c in cmd], env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for cmd in cmds
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=1800)
         if proc.returncode:
@@ -78,21 +106,51 @@ def machine_ceiling(dataset, run_dir, config, batch, steps, one):
 
 
 def train_cmd(dataset, run_dir, config, batch, steps, ranks=1, backend="none"):
-    cmd = [PY, "-m", "hpcgan", "train", "--config", config, "--data", dataset, "--out", run_dir,
-           "--backend", backend, "--set", f"train.steps={steps}", "--set", f"train.batch_size={batch}",
-           "--set", "log.every_steps=1", "--set", "log.sample_every_steps=0", "--set", "log.tensorboard=false",
-           "--set", "checkpoint.every_steps=0", "--set", "train.ema_decay=0.999", "--set", "eval.every_steps=0"]
+    cmd = [
+        PY,
+        "-m",
+        "hpcgan",
+        "train",
+        "--config",
+        config,
+        "--data",
+        dataset,
+        "--out",
+        run_dir,
+        "--backend",
+        backend,
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        f"train.batch_size={batch}",
+        "--set",
+        "log.every_steps=1",
+        "--set",
+        "log.sample_every_steps=0",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "checkpoint.every_steps=0",
+        "--set",
+        "train.ema_decay=0.999",
+        "--set",
+        "eval.every_steps=0",
+    ]
     if ranks > 1:
         cmd = ["mpirun", "-np", ranks, "--oversubscribe", "--bind-to", "none", *cmd]
     return cmd
 
 
 def read_run(run_dir, global_batch):
-    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    lines = [l for l in lines if "images_per_s" in l]
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if "images_per_s" in line]
     steady = lines[2:]  # the first steps pay for allocation and Horovod's first negotiation
-    step_s = statistics.median(global_batch / l["images_per_s"] for l in steady)
-    return step_s, statistics.mean(l["data_wait"] for l in steady), statistics.mean(l["allreduce_wait"] for l in steady)
+    step_s = statistics.median(global_batch / line["images_per_s"] for line in steady)
+    return (
+        step_s,
+        statistics.mean(line["data_wait"] for line in steady),
+        statistics.mean(line["allreduce_wait"] for line in steady),
+    )
 
 
 def bare_loop(config, batch, steps, device="cpu", amp="none"):
@@ -105,7 +163,7 @@ def bare_loop(config, batch, steps, device="cpu", amp="none"):
     from hpcgan.config import load_config
     from hpcgan.losses import d_loss, g_loss
     from hpcgan.networks import build_discriminator, build_generator
-    from hpcgan.train_config import Config
+    from hpcgan.training.config import Config
 
     torch.set_num_threads(1)
     cfg = load_config(Config, config)
@@ -123,7 +181,7 @@ def bare_loop(config, batch, steps, device="cpu", amp="none"):
     for step in range(steps):
         sync()
         t0 = time.perf_counter()
-        x = real[(step % 8) * batch:(step % 8 + 1) * batch]
+        x = real[(step % 8) * batch : (step % 8 + 1) * batch]
         z = torch.randn(batch, m.latent_dim, device=device)
         with torch.no_grad(), autocast():
             fake = G(z, None)
@@ -149,7 +207,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="64x64 model only, few steps")
     parser.add_argument("--steps", type=int, default=0, help="steps per measurement (default 8, quick 12)")
     parser.add_argument("--cuda", action="store_true", help="GPU: the study model on cuda:0 (fp32, bf16)")
-    parser.add_argument("--bare", nargs=5, metavar=("CONFIG", "BATCH", "STEPS", "DEVICE", "AMP"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bare", nargs=5, metavar=("CONFIG", "BATCH", "STEPS", "DEVICE", "AMP"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.bare:  # child process: one thread, nothing else running in it
         config, batch, steps, device, amp = args.bare
@@ -166,8 +226,13 @@ def main():
             data = make_dataset(tmp, flags)
             bare = bare_step_s(config, batch, steps)
             one, data_wait, _ = hpcgan_train(data, tmp / f"{config}-1", config, batch, steps)
-            row = {"model": name, "batch/rank": batch, "img/s/rank 1r": batch / one, "hpcgan/bare": one / bare,
-                   "data wait": data_wait}
+            row = {
+                "model": name,
+                "batch/rank": batch,
+                "img/s/rank 1r": batch / one,
+                "hpcgan/bare": one / bare,
+                "data wait": data_wait,
+            }
             row["ceiling"] = machine_ceiling(data, tmp / f"{config}-1x2", config, batch, steps, one)
             for backend in ("horovod", "torch"):
                 two, _, allreduce = hpcgan_train(data, tmp / f"{config}-2-{backend}", config, batch, steps, 2, backend)
@@ -190,10 +255,25 @@ def cuda_main(steps):
         data = make_dataset(Path(tmp), flags)
         for amp in ("none", "bf16"):
             bare = bare_step_s(config, batch, steps, "cuda", amp)
-            one, data_wait, _ = hpcgan_train(data, Path(tmp) / f"cuda-{amp}", config, batch, steps,
-                                             extra=["--device", "cuda", "--set", f"train.amp={amp}"])
-            rows.append({"model": name, "amp": amp, "batch": batch, "img/s hpcgan": batch / one,
-                         "img/s bare": batch / bare, "hpcgan/bare": one / bare, "data wait": data_wait})
+            one, data_wait, _ = hpcgan_train(
+                data,
+                Path(tmp) / f"cuda-{amp}",
+                config,
+                batch,
+                steps,
+                extra=["--device", "cuda", "--set", f"train.amp={amp}"],
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "amp": amp,
+                    "batch": batch,
+                    "img/s hpcgan": batch / one,
+                    "img/s bare": batch / bare,
+                    "hpcgan/bare": one / bare,
+                    "data wait": data_wait,
+                }
+            )
     print_table(rows)
 
 
@@ -205,8 +285,10 @@ def print_table(rows):
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
-    print("goals: hpcgan/bare <= 1.10, data wait < 0.05, eff >= 0.85 (allreduce = fraction of wall time waiting "
-          "for gradients; ceiling = efficiency of two independent 1-rank runs at once, the most this machine allows)")
+    print(
+        "goals: hpcgan/bare <= 1.10, data wait < 0.05, eff >= 0.85 (allreduce = fraction of wall time waiting "
+        "for gradients; ceiling = efficiency of two independent 1-rank runs at once, the most this machine allows)"
+    )
     sys.stdout.flush()
 
 

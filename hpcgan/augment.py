@@ -6,6 +6,7 @@ it reproducible). `policy` is a comma list of:
   color        brightness (+U(-0.5, 0.5)) and contrast (x U(0.5, 1.5) around the mean); the
                paper's saturation is left out: it is meaningless on single-channel MRI
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -43,8 +44,12 @@ def rand_cutout(x, ratio: float = 0.5):
     cx = torch.randint(0, w + (1 - size_x % 2), (n, 1, 1), device=x.device)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((rows - (cy - size_y // 2)) >= 0) & ((rows - (cy - size_y // 2)) < size_y) & \
-             ((cols - (cx - size_x // 2)) >= 0) & ((cols - (cx - size_x // 2)) < size_x)
+    inside = (
+        ((rows - (cy - size_y // 2)) >= 0)
+        & ((rows - (cy - size_y // 2)) < size_y)
+        & ((cols - (cx - size_x // 2)) >= 0)
+        & ((cols - (cx - size_x // 2)) < size_x)
+    )
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 

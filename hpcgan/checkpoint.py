@@ -13,6 +13,7 @@ A checkpoint directory holds:
   checkpoints.json   index: [{file, step, sha256, metrics}], oldest first (written atomically)
   latest, best       a line with the file name of the newest / best checkpoint (replaced atomically)
 """
+
 import hashlib
 import json
 import random
@@ -26,8 +27,8 @@ from hpcgan.errors import HpcganError, UsageError
 from hpcgan.io import atomic_path, is_disk_full, remove_temp_files, sha256_file, write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
 
-FORMAT = "hpcgan-checkpoint"
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "hpcgan-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
 INDEX_NAME = "checkpoints.json"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -64,8 +65,13 @@ def capture_rng_state(device=None) -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(cuda) if cuda is not None else None,
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
@@ -84,8 +90,9 @@ def restore_rng_state(state: dict, device=None):
     if cuda is not None and saved is not None:
         torch.cuda.set_rng_state(saved, cuda)
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
@@ -114,8 +121,13 @@ def to_host(obj, key: str = "state", into=None):
 def _copy(obj, key, pinned, into):
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if (isinstance(into, torch.Tensor) and into.shape == t.shape and into.dtype == t.dtype
-                and into.device.type == "cpu" and into.is_contiguous()):
+        if (
+            isinstance(into, torch.Tensor)
+            and into.shape == t.shape
+            and into.dtype == t.dtype
+            and into.device.type == "cpu"
+            and into.is_contiguous()
+        ):
             return into.copy_(t, non_blocking=pinned)
         if t.is_cuda and pinned:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -131,8 +143,10 @@ def _copy(obj, key, pinned, into):
         return obj.item()  # numpy scalars (e.g. metrics) as Python numbers
     if isinstance(obj, _PLAIN):
         return obj
-    raise HpcganError(f"checkpoint state '{key}': {type(obj).__name__} cannot be saved in a weights_only "
-                      "checkpoint (use tensors, numbers, strings, lists, dicts)")
+    raise HpcganError(
+        f"checkpoint state '{key}': {type(obj).__name__} cannot be saved in a weights_only "
+        "checkpoint (use tensors, numbers, strings, lists, dicts)"
+    )
 
 
 class _HashingFile:
@@ -228,11 +242,12 @@ class CheckpointWriter:
         self.flush()
         host = to_host(state, into=self._buffers)
         self._buffers = None
-        host.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+        host.update({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION})
         metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float, np.number))}
         host.setdefault("metrics", metrics)
-        self._thread = threading.Thread(target=self._write_guarded, args=(host, int(step), metrics),
-                                        name=f"checkpoint-{step}", daemon=False)
+        self._thread = threading.Thread(
+            target=self._write_guarded, args=(host, int(step), metrics), name=f"checkpoint-{step}", daemon=False
+        )
         self._thread.start()
 
     def flush(self):
@@ -259,8 +274,10 @@ class CheckpointWriter:
         except BaseException as exc:  # re-raised by the next submit/flush, in the training thread
             path = self.directory / checkpoint_name(step)
             if is_disk_full(exc):
-                self._error = HpcganError(f"{path}: no space left on device; the earlier checkpoints are intact "
-                                          "(free space, then continue with --resume auto)")
+                self._error = HpcganError(
+                    f"{path}: no space left on device; the earlier checkpoints are intact "
+                    "(free space, then continue with --resume auto)"
+                )
             else:
                 reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else exc
                 self._error = HpcganError(f"{path}: writing the checkpoint failed: {reason}")
@@ -313,14 +330,17 @@ def _open(path: Path, mmap: bool = False):
         raise UsageError(f"{path}: permission denied") from None
     except Exception as exc:
         if "Unsupported global" in str(exc):  # a torch file of Python objects: never run its code
-            raise UsageError(f"{path}: not an hpcgan checkpoint (it holds Python objects that weights-only "
-                             "loading refuses)") from None
+            raise UsageError(
+                f"{path}: not an hpcgan checkpoint (it holds Python objects that weights-only loading refuses)"
+            ) from None
         raise UsageError(f"{path}: truncated or corrupt checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: not an hpcgan checkpoint")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"{path}: checkpoint format_version {state.get('format_version')!r} is not supported "
-                         f"(this hpcgan reads {FORMAT_VERSION})")
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UsageError(
+            f"{path}: checkpoint format_version {state.get('format_version')!r} is not supported "
+            f"(this hpcgan reads {CHECKPOINT_FORMAT_VERSION})"
+        )
     return state
 
 

@@ -1,6 +1,7 @@
 """The `hpcgan` command: a thin dispatcher. Each command lives in its own module, which
 provides `add_arguments(parser)` and `run(args) -> int | None`; this file only maps names to
 modules, so `hpcgan --help` stays fast and imports no torch."""
+
 import argparse
 import importlib
 import sys
@@ -41,16 +42,24 @@ def _common_flags() -> argparse.ArgumentParser:
 
 
 def build_parser(command: str | None = None) -> ArgumentParser:
-    parser = ArgumentParser(prog="hpcgan", parents=[_common_flags()],
-                            description="Distributed GAN training on medical images for HPC clusters. "
-                                        "`hpcgan COMMAND --help` describes each command.")
+    parser = ArgumentParser(
+        prog="hpcgan",
+        parents=[_common_flags()],
+        description="Distributed GAN training on medical images for HPC clusters. "
+        "`hpcgan COMMAND --help` describes each command.",
+    )
     parser.add_argument("--version", action="version", version=f"hpcgan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name) if name == command else None
         description = (module.__doc__ or help_text).strip() if module else help_text
-        p = sub.add_parser(name, help=help_text, description=description, parents=[_common_flags()],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            parents=[_common_flags()],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if module:
             module.add_arguments(p)
             p.set_defaults(_run=module.run)

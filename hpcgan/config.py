@@ -1,5 +1,6 @@
 """YAML configs with `--set key=value` overrides, checked against a dataclass schema before
 any heavy work starts. A bad key or value is a UsageError naming the key (exit 2)."""
+
 import dataclasses
 import os
 import types

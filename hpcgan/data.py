@@ -5,6 +5,7 @@ process; `RankSampler` gives rank r of n a disjoint part of an epoch's permutati
 number of batches on every rank; `make_loader` puts the two together; `read_slices` loads a
 deterministic subset for evaluation.
 """
+
 import bisect
 import json
 import os
@@ -117,8 +118,10 @@ class SliceDataset(torch.utils.data.Dataset):
             image = decode(self._dataset(name, "images")[row])
             label = int(self._dataset(name, "masks")[row].any()) if self.labels == "mask" else 0
         except OSError as exc:  # h5py: a damaged chunk or a shard cut short
-            raise HpcganError(f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
-                              f"`hpcgan info {self.dataset_dir} --verify` checks every shard") from exc
+            raise HpcganError(
+                f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
+                f"`hpcgan info {self.dataset_dir} --verify` checks every shard"
+            ) from exc
         if self.flip and self.flips(index, epoch):
             image = image.flip(-1)
         return image, self._label_tensors[label].clone()
@@ -140,12 +143,22 @@ class RankSampler(torch.utils.data.Sampler):
     the union over ranks is the single-process stream, and every rank yields exactly
     batches_per_epoch × batch_size indices (the remainder is dropped so step counts match)."""
 
-    def __init__(self, num_items: int, rank: int, world_size: int, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, dataset=None):
+    def __init__(
+        self,
+        num_items: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        dataset=None,
+    ):
         global_batch = batch_size * world_size
         if num_items < global_batch:
-            raise UsageError(f"dataset has {num_items} slices, fewer than one global batch "
-                             f"(batch size {batch_size} x {world_size} ranks = {global_batch})")
+            raise UsageError(
+                f"dataset has {num_items} slices, fewer than one global batch "
+                f"(batch size {batch_size} x {world_size} ranks = {global_batch})"
+            )
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
         self.batch_size, self.seed, self.shuffle, self.dataset = batch_size, seed, shuffle, dataset
         self.batches_per_epoch = num_items // global_batch
@@ -169,7 +182,7 @@ class RankSampler(torch.utils.data.Sampler):
         global_batch = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):
             first = b * global_batch + self.rank * self.batch_size
-            yield from (int(i) for i in order[first:first + self.batch_size])
+            yield from (int(i) for i in order[first : first + self.batch_size])
 
     def __len__(self):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
@@ -189,8 +202,9 @@ class EpochTagged(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-def make_loader(dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0,
-                pin_memory=False):
+def make_loader(
+    dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0, pin_memory=False
+):
     """(DataLoader, RankSampler) for rank `rank` of `world_size`. Call
     `sampler.set_epoch(epoch, start_batch)` before iterating each epoch. `pin_memory` when the batches
     go to a GPU: the copy can then overlap compute (non_blocking)."""
@@ -204,9 +218,16 @@ def make_loader(dataset_dir, split, batch_size, rank, world_size, seed, flip=Fal
         workers = {"persistent_workers": True, "multiprocessing_context": "forkserver"}
     # A private generator for the loader's worker base seed: iter(loader) then draws nothing from the
     # global torch RNG, so the training's random stream does not depend on num_workers or on epochs.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler),
-                                         num_workers=num_workers, drop_last=True, pin_memory=pin_memory,
-                                         generator=torch.Generator().manual_seed(seed), **workers)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochTagged(sampler),
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        **workers,
+    )
     return loader, sampler
 
 

@@ -7,6 +7,7 @@ also runs a real allreduce through hpcgan's backend, checks that every rank sees
 run shows that the allreduce crossed nodes. The same collectives then run on the training device
 (NCCL on GPUs, with a SyncBatchNorm forward; on a GPU node also for one process), as at every
 training start. Exit 1 if the training path cannot work."""
+
 import importlib
 import os
 import platform
@@ -30,10 +31,18 @@ class Check:
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", default="auto", choices=("auto", "horovod", "torch", "none"),
-                        help="backend used for the multi-rank check (default: horovod with >1 process)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="device of the multi-rank check, as for `hpcgan train` (default: a GPU when visible)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "horovod", "torch", "none"),
+        help="backend used for the multi-rank check (default: horovod with >1 process)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="device of the multi-rank check, as for `hpcgan train` (default: a GPU when visible)",
+    )
 
 
 def _version(module_name):
@@ -66,9 +75,13 @@ def check_torch():
 def check_mpi():
     mpirun = shutil.which("mpirun")
     if not mpirun:
-        return Check("mpi", False, "no mpirun on PATH",
-                     "load your site's MPI (`module load openmpi`) or, as root, apt-get install openmpi-bin libopenmpi-dev",
-                     required=launch_env().world_size > 1)
+        return Check(
+            "mpi",
+            False,
+            "no mpirun on PATH",
+            "load your site's MPI (`module load openmpi`) or, as root, apt-get install openmpi-bin libopenmpi-dev",
+            required=launch_env().world_size > 1,
+        )
     try:
         out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=20).stdout
         first = out.strip().splitlines()[0] if out.strip() else "unknown version"
@@ -103,22 +116,41 @@ def check_nibabel():
 def check_horovod():
     hvd, version = _version("horovod.torch")
     if hvd is None:
-        return Check("horovod", False, version,
-                     "run `make setup` (builds Horovod 0.28.1 for this torch), or train with --backend torch")
+        return Check(
+            "horovod",
+            False,
+            version,
+            "run `make setup` (builds Horovod 0.28.1 for this torch), or train with --backend torch",
+        )
     import horovod
 
-    frameworks = ["PyTorch"] + [name for name, mod in (("TensorFlow", "horovod.tensorflow.mpi_lib"),
-                                                      ("MXNet", "horovod.mxnet.mpi_lib")) if _importable(mod)]
+    frameworks = ["PyTorch"] + [
+        name
+        for name, mod in (("TensorFlow", "horovod.tensorflow.mpi_lib"), ("MXNet", "horovod.mxnet.mpi_lib"))
+        if _importable(mod)
+    ]
     controllers = [n for n, built in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if built]
-    ops = controllers + [n for n, built in (("NCCL", hvd.nccl_built()), ("DDL", hvd.ddl_built()),
-                                            ("CCL", hvd.ccl_built()), ("CUDA", hvd.cuda_built()),
-                                            ("ROCm", hvd.rocm_built())) if built]
-    detail = (f"{horovod.__version__}; frameworks: {', '.join(frameworks)}; controllers: {', '.join(controllers) or 'none'}; "
-              f"tensor operations: {', '.join(ops) or 'none'}")
+    ops = controllers + [
+        n
+        for n, built in (
+            ("NCCL", hvd.nccl_built()),
+            ("DDL", hvd.ddl_built()),
+            ("CCL", hvd.ccl_built()),
+            ("CUDA", hvd.cuda_built()),
+            ("ROCm", hvd.rocm_built()),
+        )
+        if built
+    ]
+    detail = (
+        f"{horovod.__version__}; frameworks: {', '.join(frameworks)}; controllers: {', '.join(controllers) or 'none'}; "
+        f"tensor operations: {', '.join(ops) or 'none'}"
+    )
     import torch
 
     if torch.cuda.is_available() and not hvd.nccl_built():
-        return Check("horovod", False, detail, "GPUs present but Horovod has no NCCL: rebuild with `make setup` on a GPU node")
+        return Check(
+            "horovod", False, detail, "GPUs present but Horovod has no NCCL: rebuild with `make setup` on a GPU node"
+        )
     if not controllers:
         return Check("horovod", False, detail, "Horovod was built without MPI or Gloo: rebuild with `make setup`")
     return Check("horovod", True, detail)
@@ -165,27 +197,44 @@ def check_world(backend_name, device="auto"):
         backend = make_backend(backend_name, device=device)
         on_device = check_device_collectives(backend, sync_bn=True)
     except Exception as exc:
-        return Check("world", False, f"{type(exc).__name__}: {exc}", "see the message; `hpcgan doctor` under 1 process first")
+        return Check(
+            "world", False, f"{type(exc).__name__}: {exc}", "see the message; `hpcgan doctor` under 1 process first"
+        )
     total = backend.allreduce_(torch.tensor([float(backend.rank + 1)]), "sum").item()
     sizes = backend.gather_object(backend.world_size)
     hosts = backend.gather_object(socket.gethostname())
     backend.barrier()
     expected = backend.world_size * (backend.world_size + 1) / 2
     ntasks = slurm_ntasks()
-    ok = total == expected and all(s == backend.world_size for s in sizes) and (ntasks is None or ntasks == backend.world_size)
+    ok = (
+        total == expected
+        and all(s == backend.world_size for s in sizes)
+        and (ntasks is None or ntasks == backend.world_size)
+    )
     ranks_on = {host: [r for r, h in enumerate(hosts) if h == host] for host in dict.fromkeys(hosts)}
     placement = "; ".join(f"{host}: ranks {','.join(map(str, ranks))}" for host, ranks in ranks_on.items())
-    detail = (f"{backend.name} backend: world of {backend.world_size}, ranks report sizes {sizes}, "
-              f"allreduce sum {total:g} (expected {expected:g}) across {len(ranks_on)} host(s) ({placement})"
-              + (f", SLURM_NTASKS={ntasks}" if ntasks else "") + f"; {on_device}")
+    detail = (
+        f"{backend.name} backend: world of {backend.world_size}, ranks report sizes {sizes}, "
+        f"allreduce sum {total:g} (expected {expected:g}) across {len(ranks_on)} host(s) ({placement})"
+        + (f", SLURM_NTASKS={ntasks}" if ntasks else "")
+        + f"; {on_device}"
+    )
     fix = "" if ok else "ranks disagree on the world: check the MPI/PMI set-up (srun --mpi=pmix, same MPI as mpi4py)"
     return Check("world", ok, detail, fix), backend
 
 
 def run(args):
     env = launch_env()
-    checks = [check_python(), check_torch(), check_mpi(), check_mpi4py(), check_h5py(), check_nibabel(),
-              check_horovod(), check_slurm()]
+    checks = [
+        check_python(),
+        check_torch(),
+        check_mpi(),
+        check_mpi4py(),
+        check_h5py(),
+        check_nibabel(),
+        check_horovod(),
+        check_slurm(),
+    ]
     backend = None
     if env.world_size > 1 or (args.device != "cpu" and _gpu_visible()):  # on a GPU: NCCL even for 1 rank
         result = check_world(args.backend, args.device)

@@ -15,6 +15,7 @@ Metrics (lower is better for all):
 
 --samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint generates --num-images
 images (a checkpoint file, checkpoints/ directory or run directory). The JSON holds no input paths."""
+
 import glob
 import os
 
@@ -26,7 +27,7 @@ from hpcgan.progress import progress_bar
 
 log = get_logger("evaluate")
 
-FORMAT = "hpcgan-evaluation"
+EVALUATION_FORMAT = "hpcgan-evaluation"
 
 
 def add_arguments(parser):
@@ -34,19 +35,41 @@ def add_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", metavar="SAMPLES_DIR", help="a directory written by `hpcgan sample`")
     source.add_argument("--checkpoint", metavar="CKPT", help="checkpoint file, checkpoints/ directory or run directory")
-    parser.add_argument("--num-images", type=int, default=None, metavar="N",
-                        help="images to generate with --checkpoint (default 1000); with --samples, use the first N")
-    parser.add_argument("--metrics", default="swd,msssim,intensity,memorization",
-                        help="comma list of swd,msssim,intensity,memorization,fid (default: all but fid)")
-    parser.add_argument("--fid-weights", metavar="PATH",
-                        help="TorchScript feature extractor: (N,3,299,299) in [-1,1] -> (N,D), e.g. InceptionV3")
-    parser.add_argument("--out", default="evaluation.json", metavar="JSON",
-                        help="result file, written atomically (default: evaluation.json)")
-    parser.add_argument("--max-real", type=int, default=1000, metavar="N",
-                        help="at most N training and N validation slices, a fixed random subset (default 1000)")
-    parser.add_argument("--worst-dir", metavar="DIR",
-                        help="side-by-side PNGs of the closest generated/training pairs "
-                             "(default: worst-pairs/ beside --out)")
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images to generate with --checkpoint (default 1000); with --samples, use the first N",
+    )
+    parser.add_argument(
+        "--metrics",
+        default="swd,msssim,intensity,memorization",
+        help="comma list of swd,msssim,intensity,memorization,fid (default: all but fid)",
+    )
+    parser.add_argument(
+        "--fid-weights",
+        metavar="PATH",
+        help="TorchScript feature extractor: (N,3,299,299) in [-1,1] -> (N,D), e.g. InceptionV3",
+    )
+    parser.add_argument(
+        "--out",
+        default="evaluation.json",
+        metavar="JSON",
+        help="result file, written atomically (default: evaluation.json)",
+    )
+    parser.add_argument(
+        "--max-real",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="at most N training and N validation slices, a fixed random subset (default 1000)",
+    )
+    parser.add_argument(
+        "--worst-dir",
+        metavar="DIR",
+        help="side-by-side PNGs of the closest generated/training pairs (default: worst-pairs/ beside --out)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, pairs, patches, projections (default 0)")
 
 
@@ -70,9 +93,15 @@ def read_samples(samples_dir, limit=None):
         raise UsageError(f"{samples_dir}: stacks of different or non-(N, C, H, W) shapes ({sorted(shapes)})")
     images = np.concatenate(stacks)[:limit]
     attrs = read_stack_attrs(paths[0])
-    provenance = {"source": "samples", "stacks": len(paths),
-                  **{k: getattr(attrs[k], "item", lambda: attrs[k])() for k in ("checkpoint_sha256", "step", "seed")
-                     if k in attrs}}  # numpy scalars → JSON numbers
+    provenance = {
+        "source": "samples",
+        "stacks": len(paths),
+        **{
+            k: attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
+            for k in ("checkpoint_sha256", "step", "seed")
+            if k in attrs
+        },
+    }  # numpy scalars → JSON numbers
     return images, provenance
 
 
@@ -88,8 +117,10 @@ def generated_images(args, group):
     n = args.num_images or 1000
     payload = None
     if group.is_root:
-        payload = (generate_images(path, n, seed=args.seed), {"source": "checkpoint", "checkpoint_sha256":
-                                                              sha256_file(path)})
+        payload = (
+            generate_images(path, n, seed=args.seed),
+            {"source": "checkpoint", "checkpoint_sha256": sha256_file(path)},
+        )
     return group.broadcast_object(payload)
 
 
@@ -135,20 +166,41 @@ def run(args):
     fake, provenance = generated_images(args, group)
     if len(fake) < 2:
         raise UsageError(f"{args.samples or args.checkpoint}: {len(fake)} generated images; need at least 2")
-    log.info("evaluating %d generated images against %d train and %d val slices on %d rank(s)",
-             len(fake), len(train), 0 if val is None else len(val), group.world_size)
+    log.info(
+        "evaluating %d generated images against %d train and %d val slices on %d rank(s)",
+        len(fake),
+        len(train),
+        0 if val is None else len(val),
+        group.world_size,
+    )
 
     results = {}
     with progress_bar(len(metrics), "evaluate", "metrics", enabled=group.is_root) as bar:
         for name in metrics:
-            results.update(evaluate(fake, train, val, metrics=(name,), group=group, seed=args.seed,
-                                    worst_dir=worst_dir if name == "memorization" else None,
-                                    fid_weights=args.fid_weights))
+            results.update(
+                evaluate(
+                    fake,
+                    train,
+                    val,
+                    metrics=(name,),
+                    group=group,
+                    seed=args.seed,
+                    worst_dir=worst_dir if name == "memorization" else None,
+                    fid_weights=args.fid_weights,
+                )
+            )
             bar.update(1)
     if group.is_root:
-        report = {"format": FORMAT, "format_version": 1, "metrics": results, "generated": {**provenance,
-                  "count": len(fake)}, "real": {"train": len(train), "val": 0 if val is None else len(val)},
-                  "image_shape": list(train.shape[1:]), "seed": args.seed, "world_size": group.world_size}
+        report = {
+            "format": EVALUATION_FORMAT,
+            "format_version": 1,
+            "metrics": results,
+            "generated": {**provenance, "count": len(fake)},
+            "real": {"train": len(train), "val": 0 if val is None else len(val)},
+            "image_shape": list(train.shape[1:]),
+            "seed": args.seed,
+            "world_size": group.world_size,
+        }
         if "memorization" in results and results["memorization"].get("worst"):
             report["worst_dir"] = os.path.relpath(worst_dir, out_dir)  # relative: no absolute paths
         write_json_atomic(args.out, report)

@@ -5,6 +5,7 @@ shard's sha256 and compare it with the manifest (exit 1 on any mismatch or missi
 example:
   hpcgan info datasets/brats-t1 --verify
 """
+
 import os
 
 from hpcgan.errors import HpcganError
@@ -17,22 +18,25 @@ def add_arguments(parser):
 
 
 def _size(n: float) -> str:
-    unit = "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            break
-        n /= 1024
-    return f"{n:.1f} {unit}"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{n:.1f} {units[power]}"
 
 
 def summary_lines(dataset_dir, manifest: dict) -> list:
     intensity = manifest["intensity"]
-    on_disk = sum(os.path.getsize(os.path.join(dataset_dir, s["name"])) for s in manifest["shards"]
-                  if os.path.exists(os.path.join(dataset_dir, s["name"])))
+    on_disk = sum(
+        os.path.getsize(os.path.join(dataset_dir, s["name"]))
+        for s in manifest["shards"]
+        if os.path.exists(os.path.join(dataset_dir, s["name"]))
+    )
     lines = [
         f"dataset      {os.path.basename(os.path.abspath(dataset_dir))} (format {manifest['format']} "
         f"v{manifest['format_version']}, hpcgan {manifest.get('hpcgan_version', '?')})",
-        f"modalities   {', '.join(manifest['modalities'])}" + (f"  mask: {manifest['mask']}" if manifest["has_masks"] else ""),
+        f"modalities   {', '.join(manifest['modalities'])}"
+        + (f"  mask: {manifest['mask']}" if manifest["has_masks"] else ""),
         f"images       {' x '.join(map(str, manifest['image_shape']))} (C x H x W), stored as {manifest['dtype']}",
         f"pixels       {manifest['pixel_spacing_mm'][0]:.3f} x {manifest['pixel_spacing_mm'][1]:.3f} mm, "
         f"slice thickness {manifest['slice_thickness_mm']:.2f} mm",
@@ -40,8 +44,10 @@ def summary_lines(dataset_dir, manifest: dict) -> list:
     ]
     for split, info in manifest["splits"].items():
         lines.append(f"{split:12s} {info['subjects']} subjects, {info['slices']} slices, {len(info['shards'])} shards")
-    lines.append(f"skipped      {len(manifest['skipped'])} subjects"
-                 + "".join(f"\n  {s['subject']}: {s['reason']}" for s in manifest["skipped"]))
+    lines.append(
+        f"skipped      {len(manifest['skipped'])} subjects"
+        + "".join(f"\n  {s['subject']}: {s['reason']}" for s in manifest["skipped"])
+    )
     lines.append(f"on disk      {_size(on_disk)}")
     return lines
 
@@ -71,7 +77,9 @@ def run(args):
             print(f"verify       {name}: {problem or 'ok'}")
         bad = [(n, p) for n, p in results if p]
         if bad:
-            raise HpcganError(f"{os.path.join(args.dataset, bad[0][0])}: {bad[0][1]} "
-                              f"({len(bad)} of {len(results)} shards failed verification)")
+            raise HpcganError(
+                f"{os.path.join(args.dataset, bad[0][0])}: {bad[0][1]} "
+                f"({len(bad)} of {len(results)} shards failed verification)"
+            )
         print(f"verified     {len(results)} shards ok")
     return 0

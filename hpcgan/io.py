@@ -1,5 +1,6 @@
 """File output that never leaves anything half-written, reading back what a killed writer left,
 and checksums."""
+
 import contextlib
 import errno
 import hashlib
@@ -40,7 +41,7 @@ def atomic_path(path):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    ext = name[name.index("."):] if "." in name.lstrip(".") else ""
+    ext = name[name.index(".") :] if "." in name.lstrip(".") else ""
     umask = os.umask(0)
     os.umask(umask)
     tmp = None
@@ -86,7 +87,7 @@ class HDF5Output:
         size = len(view)
         while self._error is None and len(view):
             try:
-                view = view[self._raw.write(view):]  # a raw write may take only part
+                view = view[self._raw.write(view) :]  # a raw write may take only part
             except OSError as exc:
                 self._error = exc
         return size
@@ -195,8 +196,7 @@ def read_jsonl(path) -> list:
         return []
     complete, _, torn = data.rpartition(b"\n")
     if torn.strip():
-        log.warning("%s: dropping an incomplete last line (%d bytes, an interrupted write)",
-                                 path, len(torn))
+        log.warning("%s: dropping an incomplete last line (%d bytes, an interrupted write)", path, len(torn))
     records = []
     for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
         if not line.strip():

@@ -1,4 +1,5 @@
 """Logging: every line carries the rank; only rank 0 speaks at INFO unless --debug."""
+
 import logging
 import sys
 

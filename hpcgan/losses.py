@@ -5,6 +5,7 @@ which Horovod's DistributedOptimizer needs. `D` is any callable (x, labels) -> (
 the discriminator behind DiffAugment. Scores are promoted to float32 before the losses (autocast
 may hand back bf16/fp16). Stats are detached scalars for logging.
 """
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,8 +41,10 @@ class LossConfig:
 def check_loss_model(loss_cfg: LossConfig, model_cfg) -> None:
     """Combinations of loss and model that are wrong, not just unusual."""
     if loss_cfg.type == "wgan-gp" and model_cfg.d_norm == "batch":
-        raise ValueError("model.d_norm: WGAN-GP needs a critic without batch norm (the penalty is per "
-                         "sample and batch norm mixes samples); use layer, instance or none")
+        raise ValueError(
+            "model.d_norm: WGAN-GP needs a critic without batch norm (the penalty is per "
+            "sample and batch norm mixes samples); use layer, instance or none"
+        )
 
 
 def gradient_penalty(D, real, fake, labels=None) -> torch.Tensor:
@@ -68,8 +71,9 @@ def d_loss(cfg: LossConfig, D, real, fake, labels=None, fake_labels=None):
     stats = {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
     target = 1.0 - cfg.label_smoothing
     if cfg.type == "bce":
-        loss = (F.binary_cross_entropy_with_logits(s_real, torch.full_like(s_real, target))
-                + F.binary_cross_entropy_with_logits(s_fake, torch.zeros_like(s_fake)))
+        loss = F.binary_cross_entropy_with_logits(
+            s_real, torch.full_like(s_real, target)
+        ) + F.binary_cross_entropy_with_logits(s_fake, torch.zeros_like(s_fake))
     elif cfg.type == "lsgan":  # Mao et al. 2017, a-b-c = 0-1-1
         loss = 0.5 * (s_real - target).square().mean() + 0.5 * s_fake.square().mean()
     elif cfg.type == "hinge":

@@ -12,6 +12,8 @@ map of side s has min(max_width, base_width * resolution / (2 s)) channels: 512.
 DCGAN with base 64). Everything is tensors and modules: devices follow the input, no per-rank
 Python state; the only randomness (D input noise, dropout) uses torch's RNG in training mode.
 """
+
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,9 +67,14 @@ class ModelConfig:
         for key in ("g_channels", "d_channels"):
             if any(w < 1 for w in getattr(self, key)):
                 raise ValueError(f"model.{key}: widths must be >= 1, got {getattr(self, key)}")
-        for key, allowed in (("g_norm", Norm), ("d_norm", Norm), ("g_activation", Activation),
-                             ("d_activation", Activation), ("upsample", Literal["deconv", "resize"]),
-                             ("resize_mode", Literal["nearest", "bilinear"])):
+        for key, allowed in (
+            ("g_norm", Norm),
+            ("d_norm", Norm),
+            ("g_activation", Activation),
+            ("d_activation", Activation),
+            ("upsample", Literal["deconv", "resize"]),
+            ("resize_mode", Literal["nearest", "bilinear"]),
+        ):
             options = allowed.__args__
             if getattr(self, key) not in options:
                 raise ValueError(f"model.{key}: must be one of {', '.join(options)}, got {getattr(self, key)!r}")
@@ -82,22 +89,30 @@ class ModelConfig:
         n_up = num_doublings(res)
         want = n_up + 1 if self.arch == "cepa2023" else n_up
         if self.g_channels and len(self.g_channels) != want:
-            raise ValueError(f"model.g_channels: arch {self.arch} at resolution {res} needs {want} widths "
-                             f"(feature maps 4x4 to {4 << (want - 1)}x{4 << (want - 1)}), got {len(self.g_channels)}")
+            raise ValueError(
+                f"model.g_channels: arch {self.arch} at resolution {res} needs {want} widths "
+                f"(feature maps 4x4 to {4 << (want - 1)}x{4 << (want - 1)}), got {len(self.g_channels)}"
+            )
         if any(s not in (1, 2) for s in self.d_strides):
             raise ValueError(f"model.d_strides: each stride must be 1 or 2, got {self.d_strides}")
         if self.d_strides and self.d_strides[0] != 2:
             raise ValueError("model.d_strides: the first D conv must have stride 2")
         n_convs = len(self.d_strides) or len(self.d_channels) or n_up
         if self.d_channels and len(self.d_channels) != n_convs:
-            raise ValueError(f"model.d_channels: {len(self.d_channels)} widths for {n_convs} convs "
-                             f"(model.d_strides has {len(self.d_strides)})")
+            raise ValueError(
+                f"model.d_channels: {len(self.d_channels)} widths for {n_convs} convs "
+                f"(model.d_strides has {len(self.d_strides)})"
+            )
         if self.d_strides and self.d_strides.count(2) != n_up:
-            raise ValueError(f"model.d_strides: resolution {res} needs {n_up} stride-2 convs to reach 4x4, "
-                             f"got {self.d_strides.count(2)}")
+            raise ValueError(
+                f"model.d_strides: resolution {res} needs {n_up} stride-2 convs to reach 4x4, "
+                f"got {self.d_strides.count(2)}"
+            )
         if not self.d_strides and self.d_channels and len(self.d_channels) != n_up:
-            raise ValueError(f"model.d_channels: resolution {res} needs {n_up} stride-2 convs, got "
-                             f"{len(self.d_channels)} widths (set model.d_strides for stride-1 convs)")
+            raise ValueError(
+                f"model.d_channels: resolution {res} needs {n_up} stride-2 convs, got "
+                f"{len(self.d_channels)} widths (set model.d_strides for stride-1 convs)"
+            )
 
 
 def num_doublings(resolution: int) -> int:
@@ -164,8 +179,7 @@ def up_conv(cfg: ModelConfig, c_in: int, c_out: int, bias: bool) -> nn.Module:
     """x2 upsampling: a 4x4 stride-2 transposed conv, or interpolation then a 3x3 conv (no checkerboard)."""
     if cfg.upsample == "deconv":
         return nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode=cfg.resize_mode),
-                         nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias))
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=cfg.resize_mode), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias))
 
 
 def init_weights_(module: nn.Module, std: float) -> None:
@@ -184,6 +198,20 @@ def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode (batch norm on running stats, no dropout or input noise) inside the block;
+    on exit, exceptions included, every submodule gets back its own training flag, so a submodule
+    that was already in eval mode inside a training model stays so."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -194,11 +222,16 @@ class Generator(nn.Module):
         z_dim = cfg.latent_dim * (2 if cfg.num_classes else 1)
         has_affine_norm = cfg.g_norm != "none"  # a norm's shift makes a conv bias redundant
         self.fc = nn.Linear(z_dim, widths[0] * 16, bias=not has_affine_norm)
-        self.fc_post = nn.Sequential(make_norm(cfg.g_norm, widths[0]), make_activation(cfg.g_activation, cfg.leaky_slope))
+        self.fc_post = nn.Sequential(
+            make_norm(cfg.g_norm, widths[0]), make_activation(cfg.g_activation, cfg.leaky_slope)
+        )
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            blocks += [up_conv(cfg, c_in, c_out, bias=not has_affine_norm), make_norm(cfg.g_norm, c_out),
-                       make_activation(cfg.g_activation, cfg.leaky_slope)]
+            blocks += [
+                up_conv(cfg, c_in, c_out, bias=not has_affine_norm),
+                make_norm(cfg.g_norm, c_out),
+                make_activation(cfg.g_activation, cfg.leaky_slope),
+            ]
             if cfg.g_dropout:
                 blocks.append(nn.Dropout(cfg.g_dropout))
         if cfg.arch == "cepa2023":  # the study's head: a 3x3 transposed conv at full resolution
@@ -226,10 +259,17 @@ class Discriminator(nn.Module):
         layers, c_in = [], cfg.channels
         for i, (width, stride) in enumerate(discriminator_layout(cfg)):
             norm = "none" if i == 0 else cfg.d_norm  # no norm on the input layer (DCGAN, the study)
-            conv = nn.Conv2d(c_in, width, 4, 2, 1, bias=norm == "none") if stride == 2 else \
-                nn.Conv2d(c_in, width, 3, 1, 1, bias=norm == "none")
-            layers += [InputNoise(cfg.d_input_noise), conv, make_norm(norm, width),
-                       make_activation(cfg.d_activation, cfg.leaky_slope)]
+            conv = (
+                nn.Conv2d(c_in, width, 4, 2, 1, bias=norm == "none")
+                if stride == 2
+                else nn.Conv2d(c_in, width, 3, 1, 1, bias=norm == "none")
+            )
+            layers += [
+                InputNoise(cfg.d_input_noise),
+                conv,
+                make_norm(norm, width),
+                make_activation(cfg.d_activation, cfg.leaky_slope),
+            ]
             if cfg.d_dropout:
                 layers.append(nn.Dropout(cfg.d_dropout))
             c_in = width

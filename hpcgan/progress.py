@@ -5,6 +5,7 @@ job log every second. There `LineProgress` logs one ordinary line at each 10 % o
 least every HPCGAN_PROGRESS_SECONDS (default 60) while work goes on. Both have tqdm's small interface
 used here: `update(n)`, the `n` attribute with `refresh()`, `set_postfix`/`set_postfix_str`, `close()`
 and use as a context manager."""
+
 import os
 import sys
 import time
@@ -22,8 +23,9 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial
     if enabled and stream.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
-                    mininterval=1.0)
+        return tqdm(
+            total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True, mininterval=1.0
+        )
     interval = float(os.environ.get("HPCGAN_PROGRESS_SECONDS", DEFAULT_INTERVAL_S))
     return LineProgress(total, desc, unit, initial=initial, enabled=enabled, interval_s=interval)
 
@@ -31,8 +33,15 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial
 class LineProgress:
     """Logs "desc: n/total unit (p%), r unit/s, eta" at each PERCENT_STEP and every `interval_s`."""
 
-    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, enabled: bool = True,
-                 interval_s: float = DEFAULT_INTERVAL_S):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        enabled: bool = True,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ):
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.n = self.start_n = self.emitted_n = initial
         self.interval_s = interval_s

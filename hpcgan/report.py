@@ -10,6 +10,7 @@ from --samples (its newest stack-*.png, else one drawn from its newest stack-*.h
 stack-*.png under RUN_DIR; the evaluation from --evaluation or RUN_DIR/evaluation.json; the visual Turing
 test's scores from --turing-test or RUN_DIR/turing-test.json (`hpcgan turing-test score`). Figures are
 PNGs in RUN_DIR/report/, referenced by relative paths; missing parts are said so on the page."""
+
 import glob
 import html
 import json
@@ -29,10 +30,14 @@ def add_arguments(parser):
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by hpcgan train")
     parser.add_argument("--out", metavar="HTML", help="the page (default: RUN_DIR/report.html)")
     parser.add_argument("--samples", metavar="SAMPLES_DIR", help="a directory written by hpcgan sample")
-    parser.add_argument("--evaluation", metavar="JSON",
-                        help="written by hpcgan evaluate (default: RUN_DIR/evaluation.json if present)")
-    parser.add_argument("--turing-test", metavar="JSON",
-                        help="written by hpcgan turing-test score (default: RUN_DIR/turing-test.json if present)")
+    parser.add_argument(
+        "--evaluation", metavar="JSON", help="written by hpcgan evaluate (default: RUN_DIR/evaluation.json if present)"
+    )
+    parser.add_argument(
+        "--turing-test",
+        metavar="JSON",
+        help="written by hpcgan turing-test score (default: RUN_DIR/turing-test.json if present)",
+    )
 
 
 # ---------------------------------------------------------------- reading the run
@@ -103,14 +108,23 @@ def metric_figure(evals, path) -> bool:
     """One panel per metric: its value over the steps, the real-vs-real baseline dashed."""
     import matplotlib.pyplot as plt
 
-    names = sorted({n for e in evals for n, r in e["eval"].items()
-                    if isinstance(r, dict) and isinstance(r.get("value"), (int, float))})
+    names = sorted(
+        {
+            n
+            for e in evals
+            for n, r in e["eval"].items()
+            if isinstance(r, dict) and isinstance(r.get("value"), (int, float))
+        }
+    )
     if not names:
         return False
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        rows = [(e["step"], e["eval"][name]) for e in evals if isinstance(e["eval"].get(name), dict)
-                and isinstance(e["eval"][name].get("value"), (int, float))]
+        rows = [
+            (e["step"], e["eval"][name])
+            for e in evals
+            if isinstance(e["eval"].get(name), dict) and isinstance(e["eval"][name].get("value"), (int, float))
+        ]
         ax.plot([s for s, _ in rows], [r["value"] for _, r in rows], marker="o", label="generated")
         baselines = [(s, r["baseline"]) for s, r in rows if isinstance(r.get("baseline"), (int, float))]
         if baselines:
@@ -197,36 +211,59 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
     if not evaluation or not isinstance(evaluation.get("metrics"), dict):
         return "<p>No evaluation (run <code>hpcgan evaluate --out RUN_DIR/evaluation.json</code>).</p>"
     results = evaluation["metrics"]
-    rows = [(html.escape(n), number(r.get("value")), number(r.get("baseline")),
-             html.escape(verdict(n, r) if n in METRICS else r.get("verdict", "")))
-            for n, r in results.items() if isinstance(r, dict)]
+    rows = [
+        (
+            html.escape(n),
+            number(r.get("value")),
+            number(r.get("baseline")),
+            html.escape(verdict(n, r) if n in METRICS else r.get("verdict", "")),
+        )
+        for n, r in results.items()
+        if isinstance(r, dict)
+    ]
     parts = [table(["metric", "value", "real-vs-real baseline", "verdict"], rows)]
     gen = evaluation.get("generated", {})
-    parts.append(f"<p>{int(gen.get('count', 0))} generated images against {int(evaluation.get('real', {}).get('train', 0))}"
-                 f" training and {int(evaluation.get('real', {}).get('val', 0))} validation slices.</p>")
+    parts.append(
+        f"<p>{int(gen.get('count', 0))} generated images against {int(evaluation.get('real', {}).get('train', 0))}"
+        f" training and {int(evaluation.get('real', {}).get('val', 0))} validation slices.</p>"
+    )
     mem = results.get("memorization")
     parts.append("<h3>Memorisation audit</h3>")
     if not isinstance(mem, dict) or mem.get("value") is None:
         parts.append("<p>Not evaluated.</p>")
         return "\n".join(parts)
-    parts.append(f"<p>{100 * mem['value']:.1f}% of generated images are closer to a training image than the 1st "
-                 f"percentile of validation images (threshold {mem['threshold']:.4g}; validation: "
-                 f"{100 * mem['baseline']:.1f}%). Verdict: <b>{html.escape(mem.get('verdict', ''))}</b>.</p>")
+    parts.append(
+        f"<p>{100 * mem['value']:.1f}% of generated images are closer to a training image than the 1st "
+        f"percentile of validation images (threshold {mem['threshold']:.4g}; validation: "
+        f"{100 * mem['baseline']:.1f}%). Verdict: <b>{html.escape(mem.get('verdict', ''))}</b>.</p>"
+    )
     worst_dir = os.path.join(evaluation_dir, evaluation.get("worst_dir") or "worst-pairs")
     rows = []
     for row in mem.get("worst", []):
         name = os.path.basename(str(row.get("png", "")))
-        shown = name and os.path.isfile(os.path.join(worst_dir, name)) and copy_png(
-            os.path.join(worst_dir, name), os.path.join(figures_dir, name))
-        rows.append((int(row["generated"]), int(row["train"]), number(row.get("distance")), number(row.get("ssim")),
-                     image(href(name), f"generated {row['generated']} | training {row['train']}") if shown else "-"))
+        shown = (
+            name
+            and os.path.isfile(os.path.join(worst_dir, name))
+            and copy_png(os.path.join(worst_dir, name), os.path.join(figures_dir, name))
+        )
+        rows.append(
+            (
+                int(row["generated"]),
+                int(row["train"]),
+                number(row.get("distance")),
+                number(row.get("ssim")),
+                image(href(name), f"generated {row['generated']} | training {row['train']}") if shown else "-",
+            )
+        )
     parts.append(table(["generated", "nearest training", "distance", "SSIM", "generated | training"], rows))
     return "\n".join(parts)
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-         "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+)
 
 
 def run(args):
@@ -268,29 +305,55 @@ def run(args):
     sections = [
         f"<h1>Run {html.escape(os.path.basename(os.path.abspath(run_dir)))}</h1>",
         f"<p>{len(train)} training log lines, last step {last.get('step', '-')}; {len(evals)} evaluations.</p>",
-        figure("Losses", "losses.png", loss_figure(train, os.path.join(figures_dir, "losses.png")),
-               "No training metrics yet (metrics.jsonl)."),
-        figure("Evaluation metrics", "metrics.png", metric_figure(evals, os.path.join(figures_dir, "metrics.png")),
-               "No evaluation during training (set eval.every_steps)."),
-        figure("Sample grids over time", "grids.png",
-               grids_figure(evenly_spaced(grid_steps(run_dir), MAX_GRIDS), os.path.join(figures_dir, "grids.png")),
-               "No sample grids (samples/grid-*.png)."),
-        figure("Last stack", "contact-sheet.png",
-               contact_sheet_figure(args.samples, run_dir, os.path.join(figures_dir, "contact-sheet.png")),
-               "No sample stack (run hpcgan sample, or pass --samples)."),
+        figure(
+            "Losses",
+            "losses.png",
+            loss_figure(train, os.path.join(figures_dir, "losses.png")),
+            "No training metrics yet (metrics.jsonl).",
+        ),
+        figure(
+            "Evaluation metrics",
+            "metrics.png",
+            metric_figure(evals, os.path.join(figures_dir, "metrics.png")),
+            "No evaluation during training (set eval.every_steps).",
+        ),
+        figure(
+            "Sample grids over time",
+            "grids.png",
+            grids_figure(evenly_spaced(grid_steps(run_dir), MAX_GRIDS), os.path.join(figures_dir, "grids.png")),
+            "No sample grids (samples/grid-*.png).",
+        ),
+        figure(
+            "Last stack",
+            "contact-sheet.png",
+            contact_sheet_figure(args.samples, run_dir, os.path.join(figures_dir, "contact-sheet.png")),
+            "No sample stack (run hpcgan sample, or pass --samples).",
+        ),
         "<h2>Evaluation</h2>",
         evaluation_section(evaluation, os.path.dirname(os.path.abspath(evaluation_path)), figures_dir, href),
         "<h2>Visual Turing test</h2>",
-        turing_test.report_section(read_json(args.turing_test or os.path.join(run_dir, "turing-test.json"),
-                                             "Turing-test scores", required=False)),
+        turing_test.report_section(
+            read_json(
+                args.turing_test or os.path.join(run_dir, "turing-test.json"), "Turing-test scores", required=False
+            )
+        ),
         "<h2>Config</h2>",
         f"<pre>{html.escape(config)}</pre>" if config is not None else "<p>No config.yaml.</p>",
         "<h2>Environment</h2>",
-        table(["key", "value"], [(html.escape(str(k)), html.escape(json.dumps(v) if not isinstance(v, str) else v))
-                                 for k, v in sorted(env.items())]) if env else "<p>No env.json.</p>",
+        table(
+            ["key", "value"],
+            [
+                (html.escape(str(k)), html.escape(json.dumps(v) if not isinstance(v, str) else v))
+                for k, v in sorted(env.items())
+            ],
+        )
+        if env
+        else "<p>No env.json.</p>",
     ]
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>hpcgan report</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>hpcgan report</title>'
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
+    )
     write_bytes_atomic(out, page.encode())
     log.info("wrote %s (figures in %s)", out, figures_dir)
     return 0

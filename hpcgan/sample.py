@@ -19,12 +19,14 @@ round-robin. --checkpoint takes a checkpoint file, a checkpoints/ directory or a
 
 Example:
   hpcgan sample --checkpoint runs/cepa2023 --out samples/cepa2023 --num-stacks 10 --seed 1"""
+
 import argparse
 
 import numpy as np
 import torch
 
 from hpcgan.errors import UsageError
+from hpcgan.generation import draw_latents, run_generator
 from hpcgan.log import get_logger
 from hpcgan.progress import progress_bar
 
@@ -35,31 +37,45 @@ log = get_logger("sample")
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")
-    parser.add_argument("--stack-size", type=int, default=100, metavar="N",
-                        help="images per stack, each from its own latent: independent slices, not a coherent "
-                             "volume (default 100)")
+    parser.add_argument(
+        "--stack-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="images per stack, each from its own latent: independent slices, not a coherent volume (default 100)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="latent seed; stack k uses (seed, k) (default 0)")
     parser.add_argument("--format", default="h5,nifti,png", help="comma-separated subset of h5,nifti,png (default all)")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="use the EMA generator if the checkpoint has one (default), or the trained G")
-    parser.add_argument("--labels", default=None, metavar="L0,L1,...",
-                        help="class labels of a conditional model, cycled over the images (default: all classes)")
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the EMA generator if the checkpoint has one (default), or the trained G",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="L0,L1,...",
+        help="class labels of a conditional model, cycled over the images (default: all classes)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: cuda:<local rank> if CUDA is available, else cpu (default auto)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: cuda:<local rank> if CUDA is available, else cpu (default auto)",
+    )
 
 
 # ---------------------------------------------------------------- generation (Python API)
-
-
-def stack_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for stream `index` of `seed`, independent of how streams are spread over ranks."""
-    words = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def load_generator(checkpoint, ema: bool = True, device="cpu", source: str = "checkpoint"):
@@ -105,25 +121,25 @@ def class_labels(labels, num_images: int, num_classes: int):
 
 
 @torch.no_grad()
-def generate_images(checkpoint, num_images: int, seed: int = 0, ema: bool = True, labels=None, batch_size: int = 50,
-                    device="cpu", stream: int = 0, progress=None) -> np.ndarray:
+def generate_images(
+    checkpoint,
+    num_images: int,
+    seed: int = 0,
+    ema: bool = True,
+    labels=None,
+    batch_size: int = 50,
+    device="cpu",
+    stream: int = 0,
+    progress=None,
+) -> np.ndarray:
     """(num_images, C, H, W) float32 in [-1, 1] from the generator of `checkpoint` (a checkpoint dict,
     a path as `load_checkpoint` takes, or a generator from `load_generator`, to build it once for
     many calls). Latents come from (seed, stream) and are drawn on the CPU, so the images do not
     depend on the batch size, the device or the number of ranks. `progress`: a tqdm bar to update."""
     G = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_generator(checkpoint, ema, device)
-    cfg = G.cfg
-    g = torch.Generator().manual_seed(stack_seed(seed, stream))
-    z = torch.randn(num_images, cfg.latent_dim, generator=g)
-    y = class_labels(labels, num_images, cfg.num_classes)
-    device = next(G.parameters()).device
-    out = []
-    for start in range(0, num_images, batch_size):
-        end = min(start + batch_size, num_images)
-        out.append(G(z[start:end].to(device), None if y is None else y[start:end].to(device)).float().cpu())
-        if progress is not None:
-            progress.update(end - start)
-    return torch.cat(out).numpy()
+    z = draw_latents(num_images, G.cfg.latent_dim, seed, stream)
+    y = class_labels(labels, num_images, G.cfg.num_classes)
+    return run_generator(G, z, y, batch_size, progress).numpy()
 
 
 # ---------------------------------------------------------------- files
@@ -143,8 +159,14 @@ def write_stack(out, index: int, images: np.ndarray, formats, attrs: dict, datas
         files.append(f"{name}.h5")
     if "nifti" in formats:
         modalities = dataset.get("modalities") or []
-        write_stack_nifti(f"{out}/{name}.nii.gz", images, dataset["pixel_spacing_mm"], dataset["slice_thickness_mm"],
-                          dataset.get("intensity"), all_channels=len(modalities) > 1)
+        write_stack_nifti(
+            f"{out}/{name}.nii.gz",
+            images,
+            dataset["pixel_spacing_mm"],
+            dataset["slice_thickness_mm"],
+            dataset.get("intensity"),
+            all_channels=len(modalities) > 1,
+        )
         files.append(f"{name}.nii.gz")
     if "png" in formats:
         write_png(contact_sheet(images, nrow=SHEET_COLUMNS), f"{out}/{name}.png")
@@ -183,8 +205,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 def check_nifti_geometry(dataset, source):
     missing = [k for k in ("pixel_spacing_mm", "slice_thickness_mm") if not (dataset or {}).get(k)]
     if missing:
-        raise UsageError(f"{source}: the checkpoint has no dataset.{missing[0]} to write NIfTI volumes; "
-                         "use --format h5,png")
+        raise UsageError(
+            f"{source}: the checkpoint has no dataset.{missing[0]} to write NIfTI volumes; use --format h5,png"
+        )
 
 
 def run(args):
@@ -213,21 +236,36 @@ def run(args):
     group = world_group()  # after the checks, before the first stack: a world MPI does not see fails at once
 
     config = ckpt.get("config") or {}
-    attrs = {"checkpoint_sha256": sha, "step": int(ckpt.get("step") or 0), "seed": args.seed,
-             "labels": labels or [], "config": config}
+    attrs = {
+        "checkpoint_sha256": sha,
+        "step": int(ckpt.get("step") or 0),
+        "seed": args.seed,
+        "labels": labels or [],
+        "config": config,
+    }
     mine = range(group.rank, args.num_stacks, group.world_size)
     files = []
     with progress_bar(len(mine) * args.stack_size, "sampling", "images", enabled=group.is_root) as bar:
         for k in mine:
-            images = generate_images(G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size,
-                                     stream=k, progress=bar)
+            images = generate_images(
+                G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size, stream=k, progress=bar
+            )
             files += write_stack(out, k, images, formats, {**attrs, "stack_index": k}, dataset)
 
     every_rank = group.gather_object(files)
     if group.is_root:
-        index = {"checkpoint_sha256": sha, "step": attrs["step"], "seed": args.seed, "num_stacks": args.num_stacks,
-                 "stack_size": args.stack_size, "formats": formats, "ema": args.ema, "labels": labels or [],
-                 "files": sorted(f for rank_files in every_rank for f in rank_files), "config": config}
+        index = {
+            "checkpoint_sha256": sha,
+            "step": attrs["step"],
+            "seed": args.seed,
+            "num_stacks": args.num_stacks,
+            "stack_size": args.stack_size,
+            "formats": formats,
+            "ema": args.ema,
+            "labels": labels or [],
+            "files": sorted(f for rank_files in every_rank for f in rank_files),
+            "config": config,
+        }
         write_json_atomic(f"{out}/index.json", index)
         log.info("wrote %d stacks of %d images to %s", args.num_stacks, args.stack_size, out)
     return 0

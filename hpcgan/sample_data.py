@@ -8,6 +8,7 @@ one folder per subject, `<subject>_<modality>.nii.gz`. Nothing is downloaded.
             t1 (brain only, ch2bet), t1head (with skull, ch2), seg (AAL atlas labels, same space)
 
 Every volume is written with a fresh NIfTI header (no free text from the source)."""
+
 import gzip
 import os
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ from hpcgan.log import get_logger
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 
-ICBM_NOTE = ("ICBM 2009a Nonlinear Symmetric template, Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
-             "Imaging Centre, Montreal Neurological Institute, McGill University; free use with this notice "
-             "(Fonov et al., NeuroImage 2011); shipped in nilearn (BSD-3-Clause)")
-COLIN_NOTE = ("Colin27 single-subject T1 (Holmes et al., JCAT 1998) and AAL labels (Tzourio-Mazoyer et al., "
-              "NeuroImage 2002), from MRIcron's templates in Debian's mricron-data (BSD-style licence)")
+ICBM_NOTE = (
+    "ICBM 2009a Nonlinear Symmetric template, Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
+    "Imaging Centre, Montreal Neurological Institute, McGill University; free use with this notice "
+    "(Fonov et al., NeuroImage 2011); shipped in nilearn (BSD-3-Clause)"
+)
+COLIN_NOTE = (
+    "Colin27 single-subject T1 (Holmes et al., JCAT 1998) and AAL labels (Tzourio-Mazoyer et al., "
+    "NeuroImage 2002), from MRIcron's templates in Debian's mricron-data (BSD-style licence)"
+)
 
 
 @dataclass
@@ -105,7 +110,8 @@ def run(args):
     written = write_sample_data(args.out)
     notes = {}
     for volume, path, shape, dtype in written:
-        print(f"{os.path.relpath(path, args.out):32s} {'x'.join(map(str, shape)):12s} {str(dtype):8s} from {volume.source}")
+        shape_text = "x".join(map(str, shape))
+        print(f"{os.path.relpath(path, args.out):32s} {shape_text:12s} {str(dtype):8s} from {volume.source}")
         notes.setdefault(volume.subject, volume.note)
     print("Licences:")
     for subject, note in notes.items():

@@ -5,6 +5,7 @@ Images are (N, C, H, W) float in [-1, 1], as the generator makes them and as pre
 stores them: axial slices in RAS, anterior at the top and the subject's right on the right
 (neurological view), i.e. rows run along -Y and columns along +X
 (`hpcgan.preprocess.transforms.axial_to_image`). `write_stack_nifti` inverts that mapping."""
+
 import json
 
 import numpy as np
@@ -36,7 +37,7 @@ def contact_sheet(images, nrow: int = 10) -> np.ndarray:
     sheet = np.zeros((rows * h, cols * w, pixels.shape[-1]), dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        sheet[r * h:(r + 1) * h, q * w:(q + 1) * w] = pixels[i]
+        sheet[r * h : (r + 1) * h, q * w : (q + 1) * w] = pixels[i]
     return sheet[..., 0] if sheet.shape[-1] == 1 else sheet
 
 
@@ -55,8 +56,14 @@ def write_stack_h5(path, images, attrs: dict):
     of the dataset; dicts and lists are stored as JSON strings (e.g. `config`)."""
     images = np.asarray(images, dtype=np.float32)
     with atomic_path(path) as tmp, HDF5Output(tmp) as f:
-        ds = f.create_dataset(STACK_DATASET, data=images, chunks=(1, *images.shape[1:]), compression="gzip",
-                              compression_opts=4, shuffle=True)
+        ds = f.create_dataset(
+            STACK_DATASET,
+            data=images,
+            chunks=(1, *images.shape[1:]),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+        )
         for key, value in attrs.items():
             ds.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
 

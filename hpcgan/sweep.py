@@ -9,6 +9,7 @@ ranking of finished runs by an evaluation metric.
 A grid is space-separated KEY=V1,V2,... ; points are numbered in row-major order (the last key
 changes fastest). Short keys: lr, beta1, beta2, latent, batch, loss (see SHORT_KEYS); a dotted
 config key (optim.lr_d) passes through unchanged. --index defaults to $SLURM_ARRAY_TASK_ID."""
+
 import os
 import re
 
@@ -16,17 +17,26 @@ import yaml
 
 from hpcgan.errors import UsageError
 
-SHORT_KEYS = {"lr": "optim.lr", "beta1": "optim.beta1", "beta2": "optim.beta2", "latent": "model.latent_dim",
-              "batch": "train.batch_size", "loss": "loss.type"}
+SHORT_KEYS = {
+    "lr": "optim.lr",
+    "beta1": "optim.beta1",
+    "beta2": "optim.beta2",
+    "latent": "model.latent_dim",
+    "batch": "train.batch_size",
+    "loss": "loss.type",
+}
 
 
 def add_arguments(parser):
     parser.add_argument("--grid", required=True, help='space-separated KEY=V1,V2,... e.g. "lr=1e-4,2e-4 beta1=0.5,0.9"')
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--count", action="store_true", help="print the number of grid points")
-    what.add_argument("--name", action="store_true", help="print a run name for grid point --index, e.g. lr1e-4_beta10.5")
-    parser.add_argument("--index", type=int, default=None, metavar="I",
-                        help="grid point, 0 to count-1 (default: $SLURM_ARRAY_TASK_ID)")
+    what.add_argument(
+        "--name", action="store_true", help="print a run name for grid point --index, e.g. lr1e-4_beta10.5"
+    )
+    parser.add_argument(
+        "--index", type=int, default=None, metavar="I", help="grid point, 0 to count-1 (default: $SLURM_ARRAY_TASK_ID)"
+    )
 
 
 def parse_grid(text: str) -> list:
@@ -38,8 +48,10 @@ def parse_grid(text: str) -> list:
         if not sep or not key or not values or any(not v for v in raw):
             raise UsageError(f"--grid: '{item}' is not KEY=V1,V2,...")
         if "." not in key and key not in SHORT_KEYS:
-            raise UsageError(f"--grid: unknown short key '{key}' (known: {', '.join(SHORT_KEYS)}; "
-                             "or give a dotted config key such as optim.lr)")
+            raise UsageError(
+                f"--grid: unknown short key '{key}' (known: {', '.join(SHORT_KEYS)}; "
+                "or give a dotted config key such as optim.lr)"
+            )
         if key in (k for k, _ in axes):
             raise UsageError(f"--grid: key '{key}' appears twice")
         axes.append((key, raw))
@@ -89,7 +101,7 @@ def run_name(point) -> str:
 def check_overrides(sets: list):
     """Every key and value must be one the training config accepts (UsageError naming it)."""
     from hpcgan.config import load_config
-    from hpcgan.train_config import Config
+    from hpcgan.training.config import Config
 
     try:
         load_config(Config, None, sets)

@@ -7,6 +7,7 @@ training), else the one in RUN_DIR/evaluation.json (`hpcgan evaluate --out`). Be
 better for every metric but those marked otherwise); runs without a value come last as
 "no result". The columns after the value are the config keys whose values differ between the
 runs (from each RUN_DIR/config.yaml): the swept hyper-parameters."""
+
 import csv
 import io
 import json
@@ -72,10 +73,12 @@ def summarise(run_dirs, metric) -> tuple:
 
     runs = []
     for run_dir in run_dirs:
-        found = (last_from_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl"), metric)
-                 or from_evaluation_json(os.path.join(run_dir, "evaluation.json"), metric))
-        runs.append({"run": os.path.basename(os.path.normpath(run_dir)), "result": found,
-                     "config": read_config(run_dir)})
+        found = last_from_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl"), metric) or from_evaluation_json(
+            os.path.join(run_dir, "evaluation.json"), metric
+        )
+        runs.append(
+            {"run": os.path.basename(os.path.normpath(run_dir)), "result": found, "config": read_config(run_dir)}
+        )
     configs = [r["config"] for r in runs if r["config"]]  # a run without config.yaml does not make every key "swept"
     keys = sorted({k for c in configs for k in c})
     swept = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
@@ -86,8 +89,15 @@ def summarise(run_dirs, metric) -> tuple:
     for i, r in enumerate(done + [r for r in runs if not r["result"]]):
         value, step = r["result"] or (NO_RESULT, "")
         rank = str(i + 1) if r["result"] else "-"
-        rows.append([rank, r["run"], value if isinstance(value, str) else f"{value:.6g}", "" if step is None else
-                     str(step), *[str(r["config"].get(k, "")) for k in swept]])
+        rows.append(
+            [
+                rank,
+                r["run"],
+                value if isinstance(value, str) else f"{value:.6g}",
+                "" if step is None else str(step),
+                *[str(r["config"].get(k, "")) for k in swept],
+            ]
+        )
     return header, rows
 
 
@@ -98,10 +108,9 @@ def format_rows(header, rows) -> str:
 
 def run(args):
     from hpcgan.io import write_bytes_atomic
-    from hpcgan.metrics import METRICS
+    from hpcgan.metrics import check_metric_names
 
-    if args.metric not in METRICS:
-        raise UsageError(f"--metric {args.metric}: unknown metric (known: {', '.join(METRICS)})")
+    check_metric_names([args.metric], "--metric")
     missing = [d for d in args.runs if not os.path.isdir(d)]
     if len(missing) == len(args.runs):
         raise UsageError(f"{missing[0]}: no such run directory")

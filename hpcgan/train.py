@@ -8,6 +8,7 @@ The config (a shipped name from configs/ or a YAML path, plus --set section.key=
 dataset are checked on every rank before any collective starts: a bad key, value or dataset is
 one line and exit 2. A preemption signal (SIGTERM, SIGUSR1) on any rank makes every rank
 checkpoint at the next step and exit 75; run the same command with --resume auto to continue."""
+
 from pathlib import Path
 
 from hpcgan.errors import UsageError
@@ -19,25 +20,45 @@ log = get_logger("train")
 def add_arguments(parser):
     from hpcgan.parallel import BACKENDS
 
-    parser.add_argument("--config", required=True, metavar="NAME_OR_YAML",
-                        help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128) or a YAML file")
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="NAME_OR_YAML",
+        help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128) or a YAML file",
+    )
     parser.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=2000 (repeatable)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: horovod with more than one process, else none (default: auto)")
-    parser.add_argument("--resume", metavar="auto|PATH",
-                        help="auto: newest valid checkpoint in RUN_DIR if any (else start fresh); or a checkpoint")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda:<local rank> when GPUs are visible, else the CPU")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=2000 (repeatable)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: horovod with more than one process, else none (default: auto)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="auto: newest valid checkpoint in RUN_DIR if any (else start fresh); or a checkpoint",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda:<local rank> when GPUs are visible, else the CPU",
+    )
 
 
 def load_train_config(config, overrides):
     """The validated Config, with the cross-section checks a dataclass field cannot do alone."""
     from hpcgan.config import load_config
     from hpcgan.losses import check_loss_model
-    from hpcgan.train_config import Config
+    from hpcgan.training.config import Config
 
     cfg = load_config(Config, config, overrides)
     try:
@@ -45,8 +66,10 @@ def load_train_config(config, overrides):
     except ValueError as exc:
         raise UsageError(f"{config}: {exc}") from None
     if cfg.eval.every_steps and cfg.checkpoint.best_metric not in cfg.eval.metrics:
-        raise UsageError(f"{config}: checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not among "
-                         f"eval.metrics {cfg.eval.metrics}")
+        raise UsageError(
+            f"{config}: checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not among "
+            f"eval.metrics {cfg.eval.metrics}"
+        )
     return cfg
 
 
@@ -59,11 +82,15 @@ def check_amp(cfg, device: str, config):
         raise UsageError(f"{config}: 'train.amp' fp16 needs CUDA (use bf16 on CPUs)")
     if cfg.train.amp == "bf16" and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
-        raise UsageError(f"{config}: 'train.amp' bf16 is not supported by {name} (compute capability "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))} < 8.0): use fp16")
+        raise UsageError(
+            f"{config}: 'train.amp' bf16 is not supported by {name} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability()))} < 8.0): use fp16"
+        )
     if cfg.train.fp16_allreduce and cfg.train.amp != "fp16":
-        log.warning("train.fp16_allreduce without train.amp=fp16: gradients below 6e-8 vanish in the fp16 "
-                    "allreduce (fp16 AMP's loss scaling keeps them in range)")
+        log.warning(
+            "train.fp16_allreduce without train.amp=fp16: gradients below 6e-8 vanish in the fp16 "
+            "allreduce (fp16 AMP's loss scaling keeps them in range)"
+        )
 
 
 def check_dataset(cfg, dataset_dir) -> dict:
@@ -73,8 +100,10 @@ def check_dataset(cfg, dataset_dir) -> dict:
     shape = list(manifest["image_shape"])
     want = [cfg.model.channels, cfg.model.resolution, cfg.model.resolution]
     if shape != want:
-        raise UsageError(f"{dataset_dir}: images are {'x'.join(map(str, shape))} (C x H x W) but the model makes "
-                         f"{'x'.join(map(str, want))}: set model.channels/model.resolution or preprocess again")
+        raise UsageError(
+            f"{dataset_dir}: images are {'x'.join(map(str, shape))} (C x H x W) but the model makes "
+            f"{'x'.join(map(str, want))}: set model.channels/model.resolution or preprocess again"
+        )
     if cfg.train.labels == "mask":
         if not manifest.get("has_masks"):
             raise UsageError(f"{dataset_dir}: train.labels=mask needs a dataset preprocessed with --mask")
@@ -114,20 +143,24 @@ def run(args):
     resume = check_resume(args, run_dir)
     _check_batches(cfg, manifest, env.world_size, args.data)
 
-    backend = make_backend(args.backend, device=args.device, fp16_allreduce=cfg.train.fp16_allreduce,
-                           collective_timeout_s=cfg.train.collective_timeout_s)
+    backend = make_backend(
+        args.backend,
+        device=args.device,
+        fp16_allreduce=cfg.train.fp16_allreduce,
+        collective_timeout_s=cfg.train.collective_timeout_s,
+    )
     checked = check_device_collectives(backend, sync_bn=cfg.train.sync_bn)
     state = load_resume_state(resume, run_dir, cfg, backend)
     log.info("%s backend, %d process(es), device %s; %s", backend.name, backend.world_size, backend.device, checked)
 
-    from hpcgan.training_loop import train
+    from hpcgan.training.loop import run_training
 
     coordinator = None
     if backend.is_root:
-        from hpcgan.coordinator import Coordinator
+        from hpcgan.training.coordinator import Coordinator
 
         coordinator = Coordinator(run_dir, cfg, args.data, backend.describe())
-    code = train(cfg, args.data, manifest, backend, coordinator, state)
+    code = run_training(cfg, args.data, manifest, backend, coordinator, state)
     backend.shutdown()
     return code
 
@@ -136,8 +169,10 @@ def _check_batches(cfg, manifest, world_size, dataset_dir):
     slices = manifest["splits"]["train"]["slices"]
     global_batch = cfg.train.batch_size * world_size
     if slices < global_batch:
-        raise UsageError(f"{dataset_dir}: {slices} training slices, fewer than one global batch "
-                         f"({world_size} ranks x train.batch_size {cfg.train.batch_size})")
+        raise UsageError(
+            f"{dataset_dir}: {slices} training slices, fewer than one global batch "
+            f"({world_size} ranks x train.batch_size {cfg.train.batch_size})"
+        )
 
 
 def load_resume_state(resume, run_dir, cfg, backend):
@@ -145,7 +180,7 @@ def load_resume_state(resume, run_dir, cfg, backend):
     loss differs from the config; other sections (steps, intervals, learning rates) may change."""
     from hpcgan.checkpoint import find_latest_valid, load_checkpoint
     from hpcgan.config import to_dict
-    from hpcgan.train_config import MODEL_SECTIONS
+    from hpcgan.training.config import MODEL_SECTIONS
 
     if resume is None:
         return None
@@ -161,9 +196,11 @@ def load_resume_state(resume, run_dir, cfg, backend):
                 old, new = state["config"].get(section, {}), current[section]
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 if changed:
-                    problem = (f"{Path(path).name}: the checkpoint was trained with a different {section} "
-                               f"({section}.{changed[0]}: {old.get(changed[0])!r} there, {new.get(changed[0])!r} now); "
-                               "resume with the same model and loss, or start a new run")
+                    problem = (
+                        f"{Path(path).name}: the checkpoint was trained with a different {section} "
+                        f"({section}.{changed[0]}: {old.get(changed[0])!r} there, {new.get(changed[0])!r} now); "
+                        "resume with the same model and loss, or start a new run"
+                    )
                     break
             if problem is None:
                 log.info("resuming from %s (step %d)", Path(path).name, state["step"])
@@ -171,4 +208,3 @@ def load_resume_state(resume, run_dir, cfg, backend):
     if problem:
         raise UsageError(problem)
     return backend.broadcast_object(state)
-

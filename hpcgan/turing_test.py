@@ -19,6 +19,7 @@ pooled: accuracy, sensitivity and specificity for "synthetic", an exact two-side
 chance (1/2) with a 95% Clopper-Pearson interval, accuracy by confidence level, and Fleiss' kappa
 between readers (on the images every reader answered). Pooled readings of the same images are not
 independent: read the pooled p-value as descriptive, the per-reader ones as the tests."""
+
 import argparse
 import html
 import json
@@ -54,28 +55,45 @@ PAGE = "index.html"
 def add_arguments(parser):
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(parser))
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks")
-    make = actions.add_parser("make", parents=[common], help="write a reading session and its answer key",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    make = actions.add_parser(
+        "make",
+        parents=[common],
+        help="write a reading session and its answer key",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     make.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
     make.add_argument("--samples", required=True, metavar="SAMPLES_DIR", help="stack-*.h5 written by `hpcgan sample`")
     make.add_argument("--out", required=True, metavar="SESSION_DIR", help="the session folder (new or empty)")
     make.add_argument("--num", type=int, default=100, metavar="N", help="images in the session (default 100)")
-    make.add_argument("--fake-fraction", type=float, default=0.5, metavar="F",
-                      help="fraction of generated images, rounded to whole images (default 0.5)")
+    make.add_argument(
+        "--fake-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="fraction of generated images, rounded to whole images (default 0.5)",
+    )
     make.add_argument("--seed", type=int, default=0, help="chooses the real and generated images (default 0)")
-    make.add_argument("--readers", type=int, default=1, metavar="R",
-                      help="readers R1..RR, each with an own random order (default 1)")
+    make.add_argument(
+        "--readers", type=int, default=1, metavar="R", help="readers R1..RR, each with an own random order (default 1)"
+    )
     make.add_argument("--split", default="val", help="dataset split of the real images (default val)")
     make.add_argument("--key", metavar="JSON", help="answer key (default: SESSION_DIR.key.json beside the folder)")
     make.set_defaults(_action=make_session)
-    score = actions.add_parser("score", parents=[common], help="score exported answers against the key",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    score = actions.add_parser(
+        "score",
+        parents=[common],
+        help="score exported answers against the key",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     score.add_argument("session_dir", metavar="SESSION_DIR", help="written by `hpcgan turing-test make`")
     score.add_argument("answers", nargs="+", metavar="ANSWERS_JSON", help="files exported by the readers' pages")
     score.add_argument("--key", metavar="JSON", help="answer key (default: SESSION_DIR.key.json)")
-    score.add_argument("--out", metavar="JSON", help="scores as JSON, written atomically (default: SESSION_DIR.scores.json)")
+    score.add_argument(
+        "--out", metavar="JSON", help="scores as JSON, written atomically (default: SESSION_DIR.scores.json)"
+    )
     score.set_defaults(_action=score_session)
 
 
@@ -97,7 +115,7 @@ def binomial_test(successes: int, trials: int) -> float:
         return 1.0
     observed = math.comb(trials, successes)
     tail = sum(c for c in (math.comb(trials, k) for k in range(trials + 1)) if c <= observed)
-    return min(1.0, float(Fraction(tail, 2 ** trials)))
+    return min(1.0, float(Fraction(tail, 2**trials)))
 
 
 def _binomial_tail(successes: int, trials: int, p: float, upper: bool) -> float:
@@ -105,8 +123,9 @@ def _binomial_tail(successes: int, trials: int, p: float, upper: bool) -> float:
     ks = range(successes, trials + 1) if upper else range(0, successes + 1)
     log_p, log_q = math.log(p), math.log1p(-p)
     base = math.lgamma(trials + 1)
-    return sum(math.exp(base - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p + (trials - k) * log_q)
-               for k in ks)
+    return sum(
+        math.exp(base - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p + (trials - k) * log_q) for k in ks
+    )
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple:
@@ -138,9 +157,9 @@ def fleiss_kappa(counts) -> float | None:
     items, raters = counts.shape[0], counts[0].sum()
     if items == 0 or raters < 2:
         return None
-    agreement = ((counts ** 2).sum(axis=1) - raters) / (raters * (raters - 1))
+    agreement = ((counts**2).sum(axis=1) - raters) / (raters * (raters - 1))
     shares = counts.sum(axis=0) / (items * raters)
-    chance = float((shares ** 2).sum())
+    chance = float((shares**2).sum())
     if chance >= 1.0:
         return None
     return float((agreement.mean() - chance) / (1.0 - chance))
@@ -157,9 +176,16 @@ def reading_stats(readings) -> dict:
     by_confidence = {}
     for level in sorted({c for _, _, c in readings if c is not None}):
         at_level = [truth == answer for truth, answer, c in readings if c == level]
-        by_confidence[str(level)] = {"n": len(at_level), "correct": sum(at_level), "accuracy": sum(at_level) / len(at_level)}
+        by_confidence[str(level)] = {
+            "n": len(at_level),
+            "correct": sum(at_level),
+            "accuracy": sum(at_level) / len(at_level),
+        }
     return {
-        "n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": [lower, upper],
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else None,
+        "ci95": [lower, upper],
         "p_value": binomial_test(correct, n),
         "sensitivity": synthetic.count("synthetic") / len(synthetic) if synthetic else None,
         "specificity": real.count("real") / len(real) if real else None,
@@ -197,7 +223,9 @@ def check_make_args(args) -> tuple:
     num_fake = round(args.num * args.fake_fraction)
     num_real = args.num - num_fake
     if min(num_fake, num_real) < 1:
-        raise UsageError(f"--num {args.num} --fake-fraction {args.fake_fraction}: needs at least one image of each kind")
+        raise UsageError(
+            f"--num {args.num} --fake-fraction {args.fake_fraction}: needs at least one image of each kind"
+        )
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise UsageError(f"{args.out}: exists and is not an empty folder; a session is written once, into a new folder")
     key = args.key or default_key_path(args.out)
@@ -218,15 +246,21 @@ def make_session(args):
         raise UsageError(f"{args.data}: no split {args.split!r} (have: {', '.join(manifest['splits'])})")
     available = int(manifest["splits"][args.split].get("slices", 0))
     if available < num_real:
-        raise UsageError(f"{args.data}: the {args.split} split has {available} slices; --num {args.num} with "
-                         f"--fake-fraction {args.fake_fraction} needs {num_real} real images")
+        raise UsageError(
+            f"{args.data}: the {args.split} split has {available} slices; --num {args.num} with "
+            f"--fake-fraction {args.fake_fraction} needs {num_real} real images"
+        )
     generated, provenance = read_samples(args.samples)
     if len(generated) < num_fake:
-        raise UsageError(f"{args.samples}: {len(generated)} generated images; --num {args.num} with "
-                         f"--fake-fraction {args.fake_fraction} needs {num_fake}")
+        raise UsageError(
+            f"{args.samples}: {len(generated)} generated images; --num {args.num} with "
+            f"--fake-fraction {args.fake_fraction} needs {num_fake}"
+        )
     if tuple(generated.shape[1:]) != tuple(manifest["image_shape"]):
-        raise UsageError(f"{args.samples}: generated images are {list(generated.shape[1:])}, the dataset's are "
-                         f"{list(manifest['image_shape'])} (C, H, W); sample from a model trained on this dataset")
+        raise UsageError(
+            f"{args.samples}: generated images are {list(generated.shape[1:])}, the dataset's are "
+            f"{list(manifest['image_shape'])} (C, H, W); sample from a model trained on this dataset"
+        )
     parent = check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     check_writable_dir(os.path.dirname(os.path.abspath(key_path)))
 
@@ -253,12 +287,27 @@ def make_session(args):
         order = sorted(names)
         secure.shuffle(order)
         readers.append({"id": f"R{r + 1}", "order": order})
-    session_data = {"format": SESSION_FORMAT, "version": 1, "session": session_id,
-                    "confidence_levels": CONFIDENCE_LEVELS, "readers": readers}
-    key = {"format": KEY_FORMAT, "version": 1, "session": session_id, "truth": dict(sorted(truth_of.items())),
-           "num": args.num, "num_real": num_real, "num_synthetic": num_fake, "fake_fraction": args.fake_fraction,
-           "seed": args.seed, "split": args.split, "readers": [r["id"] for r in readers],
-           "synthetic_source": {k: v for k, v in provenance.items() if k in ("checkpoint_sha256", "step")}}
+    session_data = {
+        "format": SESSION_FORMAT,
+        "version": 1,
+        "session": session_id,
+        "confidence_levels": CONFIDENCE_LEVELS,
+        "readers": readers,
+    }
+    key = {
+        "format": KEY_FORMAT,
+        "version": 1,
+        "session": session_id,
+        "truth": dict(sorted(truth_of.items())),
+        "num": args.num,
+        "num_real": num_real,
+        "num_synthetic": num_fake,
+        "fake_fraction": args.fake_fraction,
+        "seed": args.seed,
+        "split": args.split,
+        "readers": [r["id"] for r in readers],
+        "synthetic_source": {k: v for k, v in provenance.items() if k in ("checkpoint_sha256", "step")},
+    }
 
     out = os.path.abspath(args.out)
     key_inside = os.path.commonpath([os.path.abspath(key_path), out]) == out
@@ -287,8 +336,14 @@ def make_session(args):
         if key_written:
             os.remove(key_path)  # a key without its session is no use
         raise
-    log.info("wrote a session of %d images (%d real, %d synthetic) for %d reader(s); answer key: %s",
-             args.num, num_real, num_fake, args.readers, key_path)
+    log.info(
+        "wrote a session of %d images (%d real, %d synthetic) for %d reader(s); answer key: %s",
+        args.num,
+        num_real,
+        num_fake,
+        args.readers,
+        key_path,
+    )
     return 0
 
 
@@ -302,8 +357,9 @@ def read_session_json(path, what: str, file_format: str, body: str, body_type: t
     if not isinstance(data, dict) or data.get("format") != file_format or not isinstance(data.get(body), body_type):
         raise UsageError(f"{path}: not an {what} of hpcgan turing-test")
     if data.get("session") != session_id:
-        raise UsageError(f"{path}: an {what} of another session ({str(data.get('session'))[:8]}), not of this one "
-                         f"({session_id[:8]})")
+        raise UsageError(
+            f"{path}: an {what} of another session ({str(data.get('session'))[:8]}), not of this one ({session_id[:8]})"
+        )
     return data
 
 
@@ -340,8 +396,9 @@ def read_answers(path, key: dict) -> tuple:
             raise UsageError(f"{path}: answer {number} repeats image {image}")
         if answer not in LABELS:
             raise UsageError(f"{path}: answer {number} is {answer!r}, not one of {', '.join(LABELS)}")
-        if confidence is not None and (not isinstance(confidence, int) or isinstance(confidence, bool)
-                                       or not 1 <= confidence <= CONFIDENCE_LEVELS):
+        if confidence is not None and (
+            not isinstance(confidence, int) or isinstance(confidence, bool) or not 1 <= confidence <= CONFIDENCE_LEVELS
+        ):
             raise UsageError(f"{path}: answer {number} has confidence {confidence!r}, not 1 to {CONFIDENCE_LEVELS}")
         seen.add(image)
         rows.append((image, answer, confidence))
@@ -353,21 +410,33 @@ def read_answers(path, key: dict) -> tuple:
 def score_answers(key: dict, answers: dict) -> dict:
     """answers: {reader: [(image, answer, confidence)]} → the scores (JSON-ready)."""
     truth = key["truth"]
-    readers = {reader: reading_stats([(truth[image], answer, confidence) for image, answer, confidence in rows])
-               for reader, rows in sorted(answers.items())}
-    for reader, stats in readers.items():
+    readers = {
+        reader: reading_stats([(truth[image], answer, confidence) for image, answer, confidence in rows])
+        for reader, rows in sorted(answers.items())
+    }
+    for stats in readers.values():
         stats["complete"] = stats["n"] == len(truth)
-    pooled = reading_stats([(truth[image], answer, confidence) for rows in answers.values()
-                            for image, answer, confidence in rows])
+    pooled = reading_stats(
+        [(truth[image], answer, confidence) for rows in answers.values() for image, answer, confidence in rows]
+    )
     kappa = None
     if len(answers) >= 2:
         by_reader = [{image: answer for image, answer, _ in rows} for rows in answers.values()]
         common = sorted(set.intersection(*(set(a) for a in by_reader)))
         counts = [[sum(a[image] == label for a in by_reader) for label in LABELS] for image in common]
         kappa = {"value": fleiss_kappa(counts) if common else None, "images": len(common), "readers": len(by_reader)}
-    return {"format": SCORES_FORMAT, "version": 1, "session": key["session"], "chance": CHANCE,
-            "images": len(truth), "num_real": key.get("num_real"), "num_synthetic": key.get("num_synthetic"),
-            "readers": readers, "pooled": pooled, "fleiss_kappa": kappa}
+    return {
+        "format": SCORES_FORMAT,
+        "version": 1,
+        "session": key["session"],
+        "chance": CHANCE,
+        "images": len(truth),
+        "num_real": key.get("num_real"),
+        "num_synthetic": key.get("num_synthetic"),
+        "readers": readers,
+        "pooled": pooled,
+        "fleiss_kappa": kappa,
+    }
 
 
 def _fmt(value, spec=".3f") -> str:
@@ -377,19 +446,30 @@ def _fmt(value, spec=".3f") -> str:
 def scores_table(scores: dict) -> str:
     """The scores as plain-text tables for a terminal."""
     header = f"{'reader':<8} {'n':>5} {'accuracy':>8} {'95% CI':>15} {'p (vs 1/2)':>11} {'sens':>6} {'spec':>6}"
-    lines = [f"Visual Turing test, session {scores['session'][:8]}: {scores['images']} images "
-             f"({scores['num_real']} real, {scores['num_synthetic']} synthetic); sensitivity and specificity "
-             "for \"synthetic\"", header]
+    lines = [
+        f"Visual Turing test, session {scores['session'][:8]}: {scores['images']} images "
+        f"({scores['num_real']} real, {scores['num_synthetic']} synthetic); sensitivity and specificity "
+        'for "synthetic"',
+        header,
+    ]
     for name, stats in [*scores["readers"].items(), ("pooled", scores["pooled"])]:
         lo, hi = stats["ci95"]
-        lines.append(f"{name:<8} {stats['n']:>5} {_fmt(stats['accuracy']):>8} {f'[{lo:.3f}, {hi:.3f}]':>15} "
-                     f"{stats['p_value']:>11.3g} {_fmt(stats['sensitivity'], '.2f'):>6} {_fmt(stats['specificity'], '.2f'):>6}")
+        lines.append(
+            f"{name:<8} {stats['n']:>5} {_fmt(stats['accuracy']):>8} {f'[{lo:.3f}, {hi:.3f}]':>15} "
+            f"{stats['p_value']:>11.3g} {_fmt(stats['sensitivity'], '.2f'):>6} {_fmt(stats['specificity'], '.2f'):>6}"
+        )
     kappa = scores["fleiss_kappa"]
     if kappa:
-        lines.append(f"Fleiss' kappa between {kappa['readers']} readers on {kappa['images']} images: "
-                     f"{_fmt(kappa['value'])}")
-    lines.append("accuracy by confidence (pooled): " + ", ".join(
-        f"{level}: {stats['accuracy']:.2f} (n={stats['n']})" for level, stats in scores["pooled"]["by_confidence"].items()))
+        lines.append(
+            f"Fleiss' kappa between {kappa['readers']} readers on {kappa['images']} images: {_fmt(kappa['value'])}"
+        )
+    lines.append(
+        "accuracy by confidence (pooled): "
+        + ", ".join(
+            f"{level}: {stats['accuracy']:.2f} (n={stats['n']})"
+            for level, stats in scores["pooled"]["by_confidence"].items()
+        )
+    )
     return "\n".join(lines)
 
 
@@ -398,8 +478,9 @@ def score_session(args):
 
     session_dir = os.path.normpath(args.session_dir)
     session = read_session_page(session_dir)
-    key = read_session_json(args.key or default_key_path(session_dir), "answer key", KEY_FORMAT, "truth", dict,
-                            session["session"])
+    key = read_session_json(
+        args.key or default_key_path(session_dir), "answer key", KEY_FORMAT, "truth", dict, session["session"]
+    )
     answers = {}
     for path in args.answers:
         reader, rows = read_answers(path, key)
@@ -425,22 +506,53 @@ def report_section(scores) -> str:
     from hpcgan.report import number, table
 
     if not isinstance(scores, dict) or scores.get("format") != SCORES_FORMAT:
-        return ("<p>No visual Turing test (run <code>hpcgan turing-test score SESSION_DIR answers*.json "
-                "--out RUN_DIR/turing-test.json</code>).</p>")
+        return (
+            "<p>No visual Turing test (run <code>hpcgan turing-test score SESSION_DIR answers*.json "
+            "--out RUN_DIR/turing-test.json</code>).</p>"
+        )
     rows = []
     for name, stats in [*scores["readers"].items(), ("pooled", scores["pooled"])]:
         lo, hi = stats["ci95"]
-        rows.append((html.escape(name), int(stats["n"]), number(stats["accuracy"]), f"{lo:.3f} – {hi:.3f}",
-                     number(stats["p_value"]), number(stats["sensitivity"]), number(stats["specificity"])))
-    parts = [f"<p>{int(scores['images'])} images ({scores.get('num_real')} real, {scores.get('num_synthetic')} "
-             "synthetic); chance is 0.5. Sensitivity and specificity are for the answer \"synthetic\".</p>",
-             table(["reader", "n", "accuracy", "95% CI (Clopper-Pearson)", "p (two-sided binomial)", "sensitivity",
-                    "specificity"], rows)]
+        rows.append(
+            (
+                html.escape(name),
+                int(stats["n"]),
+                number(stats["accuracy"]),
+                f"{lo:.3f} – {hi:.3f}",
+                number(stats["p_value"]),
+                number(stats["sensitivity"]),
+                number(stats["specificity"]),
+            )
+        )
+    parts = [
+        f"<p>{int(scores['images'])} images ({scores.get('num_real')} real, {scores.get('num_synthetic')} "
+        'synthetic); chance is 0.5. Sensitivity and specificity are for the answer "synthetic".</p>',
+        table(
+            [
+                "reader",
+                "n",
+                "accuracy",
+                "95% CI (Clopper-Pearson)",
+                "p (two-sided binomial)",
+                "sensitivity",
+                "specificity",
+            ],
+            rows,
+        ),
+    ]
     kappa = scores.get("fleiss_kappa")
     if kappa:
-        parts.append(f"<p>Fleiss' kappa between {int(kappa['readers'])} readers on {int(kappa['images'])} images: "
-                     f"{number(kappa['value'])}.</p>")
-    parts.append(table(["confidence", "n", "accuracy (pooled)"],
-                       [(html.escape(level), int(s["n"]), number(s["accuracy"]))
-                        for level, s in scores["pooled"]["by_confidence"].items()]))
+        parts.append(
+            f"<p>Fleiss' kappa between {int(kappa['readers'])} readers on {int(kappa['images'])} images: "
+            f"{number(kappa['value'])}.</p>"
+        )
+    parts.append(
+        table(
+            ["confidence", "n", "accuracy (pooled)"],
+            [
+                (html.escape(level), int(s["n"]), number(s["accuracy"]))
+                for level, s in scores["pooled"]["by_confidence"].items()
+            ],
+        )
+    )
     return "\n".join(parts)

@@ -43,7 +43,7 @@ HPCGAN_VENV=$(hpcgan_abs "${HPCGAN_VENV:-$HPCGAN_ROOT/.venv}")
 HPCGAN_LOGS=$(hpcgan_abs "${HPCGAN_LOGS:-logs}")
 mkdir -p "$HPCGAN_LOGS"
 export PYTHONUNBUFFERED=1
-HPCGAN_EXIT_REQUEUE=75  # hpcgan.training_loop.EXIT_REQUEUE: checkpointed after a preemption signal
+HPCGAN_EXIT_REQUEUE=75  # hpcgan.training.loop.EXIT_REQUEUE: checkpointed after a preemption signal
 HPCGAN_BINDS=()  # directories the container must see (added by hpcgan_bind)
 
 hpcgan_bind() {  # hpcgan_bind DIR...: create DIR and make it visible inside the container

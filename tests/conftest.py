@@ -1,4 +1,5 @@
 """Shared test fixtures: real mpirun launches with a timeout, real brain MRI sample data."""
+
 import contextlib
 import logging
 import os
@@ -17,14 +18,16 @@ REPO = Path(__file__).resolve().parent.parent
 def mpi_env(extra: dict | None = None) -> dict:
     """Environment for a local mpirun: root allowed, no core binding fights, one thread per rank."""
     env = dict(os.environ)
-    env.update({
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_btl_vader_single_copy_mechanism": "none",  # no ptrace/CMA inside containers
-        "OMPI_MCA_rmaps_base_oversubscribe": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl_vader_single_copy_mechanism": "none",  # no ptrace/CMA inside containers
+            "OMPI_MCA_rmaps_base_oversubscribe": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -49,17 +52,22 @@ def kill_job(pid: int):
 
 def run_cmd(cmd, timeout=300, env=None, cwd=None, check=False):
     """Run a command in its own session; on timeout kill it with every process below it and fail."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_job(proc.pid)
         out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"timed out after {timeout}s: {' '.join(map(str, cmd))}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and result.returncode != 0:
-        pytest.fail(f"exit {result.returncode}: {' '.join(map(str, cmd))}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"exit {result.returncode}: {' '.join(map(str, cmd))}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     return result
 
 
@@ -80,8 +88,9 @@ def run_hpcgan_mpi(np, *args, timeout=300, env=None, check=False):
 
 
 def run_python_mpi(np, script, *args, timeout=300, env=None, check=False):
-    return run_cmd(mpirun_cmd(np) + [sys.executable, str(script), *map(str, args)], timeout=timeout,
-                   env=mpi_env(env), check=check)
+    return run_cmd(
+        mpirun_cmd(np) + [sys.executable, str(script), *map(str, args)], timeout=timeout, env=mpi_env(env), check=check
+    )
 
 
 @pytest.fixture
@@ -125,14 +134,30 @@ def sample_data(tmp_path_factory) -> Path:
     return out
 
 
+# The sample dataset's preprocessing: T1 with the seg mask, axial slices 60-107 at 64x64, one of the two
+# subjects for validation.
+SAMPLE_DATASET_OPTIONS = (
+    "--modalities t1 --mask seg --slices 60:108 --min-brain-fraction 0 --size 64 --val-fraction 0.5".split()
+)
+
+
 @pytest.fixture(scope="session")
 def sample_dataset(sample_data, tmp_path_factory) -> Path:
     """`hpcgan preprocess` of the sample data at 64x64: t1 with the seg mask, slices 60:108,
     one subject in train and one in val (48 slices each), one shard per split."""
     out = tmp_path_factory.mktemp("sample-dataset") / "dataset"
-    run_hpcgan("preprocess", "--input", sample_data, "--output", out, "--modalities", "t1", "--mask", "seg",
-               "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64", "--shards", "2",
-               "--val-fraction", "0.5", check=True, timeout=300)
+    run_hpcgan(
+        "preprocess",
+        "--input",
+        sample_data,
+        "--output",
+        out,
+        *SAMPLE_DATASET_OPTIONS,
+        "--shards",
+        "2",
+        check=True,
+        timeout=300,
+    )
     return out
 
 
@@ -141,8 +166,16 @@ class TinyExtractor(torch.nn.Module):
 
     def forward(self, x):
         pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # 12 values
-        return torch.cat([pooled[:, :4], x.std(dim=(1, 2, 3))[:, None], x.mean(dim=(1, 2, 3))[:, None],
-                          (x > 0).float().mean(dim=(1, 2, 3))[:, None], x.amax(dim=(1, 2, 3))[:, None]], dim=1)
+        return torch.cat(
+            [
+                pooled[:, :4],
+                x.std(dim=(1, 2, 3))[:, None],
+                x.mean(dim=(1, 2, 3))[:, None],
+                (x > 0).float().mean(dim=(1, 2, 3))[:, None],
+                x.amax(dim=(1, 2, 3))[:, None],
+            ],
+            dim=1,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ indexes, a CA bundle for TLS). So, without touching the Dockerfile:
 - podman runs with `--runtime runc` (crun refuses this machine's hybrid cgroups), `--network host` and
   a containers.conf of `default_ulimits = []` and `cgroup_manager = "cgroupfs"` (shared/NOTES.md).
 """
+
 import hashlib
 import os
 import re
@@ -39,11 +40,11 @@ class PodmanUnavailable(Exception):
 
 
 def _run(cmd, timeout, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-5000:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -52,12 +53,14 @@ def ensure_podman():
     if all(shutil.which(p) for p in ("podman", "runc", "mmdebstrap")):
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise PodmanUnavailable("podman, runc and mmdebstrap are not installed and cannot be installed here "
-                                "(needs root and apt-get)")
+        raise PodmanUnavailable(
+            "podman, runc and mmdebstrap are not installed and cannot be installed here (needs root and apt-get)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", "--no-install-recommends",
-                 *PACKAGES]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", "--no-install-recommends", *PACKAGES],
+    ):
         proc = _run(cmd, timeout=900, env=env, check=False)
         if proc.returncode != 0:
             raise PodmanUnavailable(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
@@ -141,9 +144,21 @@ class Podman:
         (CACHE / "wheels").mkdir(parents=True, exist_ok=True)
         args = {"BASE_IMAGE": BASE_IMAGE, "MPI": "debian", "TORCH_INDEX": "", "TORCH_SPEC": torch_spec}
         started = time.monotonic()
-        self("build", "--network", "host", "-f", repo / "containers" / "Dockerfile",
-             *[a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")],
-             *self.pip_mounts(), "-v", f"{CACHE}:/var/cache/hpcgan", "-t", tag, repo, timeout=3000)
+        self(
+            "build",
+            "--network",
+            "host",
+            "-f",
+            repo / "containers" / "Dockerfile",
+            *[a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")],
+            *self.pip_mounts(),
+            "-v",
+            f"{CACHE}:/var/cache/hpcgan",
+            "-t",
+            tag,
+            repo,
+            timeout=3000,
+        )
         return time.monotonic() - started
 
     def image_size(self, tag: str) -> int:

@@ -10,6 +10,7 @@ By hand (as root), a 3-node cluster until Ctrl-C; it prints the commands to use 
 
     python -m tests.slurm_cluster --nodes 3
 """
+
 import argparse
 import ipaddress
 import os
@@ -23,8 +24,17 @@ from pathlib import Path
 
 SLURM_PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 class SlurmUnavailable(Exception):
@@ -41,8 +51,9 @@ def ensure_slurm_installed(timeout=600):
     if not _missing_daemons() and shutil.which("sbatch"):
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SlurmUnavailable("Slurm (slurm-wlm, munge) is not installed and cannot be installed here "
-                               "(needs root and apt-get)")
+        raise SlurmUnavailable(
+            "Slurm (slurm-wlm, munge) is not installed and cannot be installed here (needs root and apt-get)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *SLURM_PACKAGES]):
         try:
@@ -129,19 +140,34 @@ class SlurmCluster:
             os.chown(path, munge.pw_uid, munge.pw_gid)
         os.chmod(self.munge_dir, 0o755)  # root's slurm daemons connect to the socket in here
         d = self.munge_dir
-        _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={self.munge_socket}",
-              f"--key-file={key}", f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}",
-              f"--seed-file={d / 'munged.seed'}"], self.env)
+        _run(
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "/usr/sbin/munged",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--log-file={d / 'munged.log'}",
+                f"--seed-file={d / 'munged.seed'}",
+            ],
+            self.env,
+        )
 
     def _conf_text(self) -> str:
         r = self.root
-        return self._common_conf() + f"""\
-SlurmdSpoolDir={r / 'spool'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+        return (
+            self._common_conf()
+            + f"""\
+SlurmdSpoolDir={r / "spool"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmdLogFile={r / "log" / "slurmd.log"}
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """
+        )
 
     def _common_conf(self, controller=None) -> str:
         """slurm.conf without the slurmd paths and the nodes."""
@@ -168,9 +194,9 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
-StateSaveLocation={r / 'state'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
+StateSaveLocation={r / "state"}
+SlurmctldPidFile={r / "slurmctld.pid"}
+SlurmctldLogFile={r / "log" / "slurmctld.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 MinJobAge=600
@@ -210,8 +236,13 @@ SchedulerParameters=sched_interval=2
     # --- jobs -------------------------------------------------------------------------------------
     def sbatch(self, *args, env=None, cwd=None) -> str:
         """Submit; returns the job id (sbatch --parsable)."""
-        proc = _run(self.client_cmd(["sbatch", "--parsable", *args]), self.client_env(env or self.env), check=False,
-                    timeout=60, cwd=cwd)
+        proc = _run(
+            self.client_cmd(["sbatch", "--parsable", *args]),
+            self.client_env(env or self.env),
+            check=False,
+            timeout=60,
+            cwd=cwd,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
@@ -231,8 +262,10 @@ SchedulerParameters=sched_interval=2
                 return jobs
             time.sleep(1)
         _run(self.client_cmd(["scancel", job_id]), self.env, check=False)
-        raise TimeoutError(f"job {job_id} not in {sorted(until)} after {timeout}s: "
-                           f"{[(j.get('JobId'), j.get('JobState'), j.get('Reason')) for j in jobs]}")
+        raise TimeoutError(
+            f"job {job_id} not in {sorted(until)} after {timeout}s: "
+            f"{[(j.get('JobId'), j.get('JobState'), j.get('Reason')) for j in jobs]}"
+        )
 
     def release_requeued(self, job_id, timeout=60):
         """Start a requeued job now instead of after Slurm's ~2 minute hold (an operator's
@@ -299,8 +332,10 @@ class MultiNodeSlurmCluster(SlurmCluster):
         _run([*hub, "link", "set", "br0", "up"], self.env)
         for name, ns in self.node_ns.items():
             _run(["ip", "netns", "add", ns], self.env)
-            _run([*hub, "link", "add", self.hub_link[name], "type", "veth", "peer", "name", "eth0", "netns", ns],
-                 self.env)
+            _run(
+                [*hub, "link", "add", self.hub_link[name], "type", "veth", "peer", "name", "eth0", "netns", ns],
+                self.env,
+            )
             _run([*hub, "link", "set", self.hub_link[name], "master", "br0", "up"], self.env)
             node = ["ip", "-n", ns]
             _run([*node, "addr", "add", f"{self.addr[name]}/{NETWORK.prefixlen}", "dev", "eth0"], self.env)
@@ -313,25 +348,42 @@ class MultiNodeSlurmCluster(SlurmCluster):
         """`cmd` inside network namespace `ns` with its own hostname and the cluster's /etc/hosts.
         nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no cgroup file system."""
         script = 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"'
-        return ["nsenter", f"--net={NETNS_DIR / ns}", "unshare", "--uts", "--mount", "sh", "-c", script, "sh",
-                str(self.hosts_file), hostname, *map(str, cmd)]
+        return [
+            "nsenter",
+            f"--net={NETNS_DIR / ns}",
+            "unshare",
+            "--uts",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(self.hosts_file),
+            hostname,
+            *map(str, cmd),
+        ]
 
     def _conf_text(self) -> str:
         r = self.root
-        nodes = "\n".join(f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} CPUs={self.cpus} RealMemory=8000 "
-                          "State=UNKNOWN" for n in self.node_names)
+        nodes = "\n".join(
+            f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} CPUs={self.cpus} RealMemory=8000 State=UNKNOWN"
+            for n in self.node_names
+        )
         # Per-node spool, pid, log and TmpFS (%n = node name): the nodes share one file system.
         # SlurmdTimeout: a node that stops answering is declared down, and its jobs NODE_FAIL, after
         # 20 s (Slurm's default is 300 s).
-        return self._common_conf(controller=f"hub({self.hub_addr})") + f"""\
-SlurmdSpoolDir={r / 'spool' / '%n'}
-SlurmdPidFile={r / 'slurmd-%n.pid'}
-SlurmdLogFile={r / 'log' / 'slurmd-%n.log'}
-TmpFS={r / 'tmp' / '%n'}
+        return (
+            self._common_conf(controller=f"hub({self.hub_addr})")
+            + f"""\
+SlurmdSpoolDir={r / "spool" / "%n"}
+SlurmdPidFile={r / "slurmd-%n.pid"}
+SlurmdLogFile={r / "log" / "slurmd-%n.log"}
+TmpFS={r / "tmp" / "%n"}
 SlurmdTimeout=20
 {nodes}
-PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """
+        )
 
     def _start_daemons(self):
         _run(self.in_namespace(self.hub_ns, "hub", ["slurmctld", "-f", self.conf]), self.env)
@@ -413,8 +465,10 @@ def _kill(pid_file: Path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tests.slurm_cluster",
-                                     description="Start a multi-node test Slurm in network namespaces until Ctrl-C (root).")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.slurm_cluster",
+        description="Start a multi-node test Slurm in network namespaces until Ctrl-C (root).",
+    )
     parser.add_argument("--nodes", type=int, default=2, help="number of nodes (default: 2)")
     parser.add_argument("--cpus-per-node", type=int, default=2, help="CPUs each node offers (default: 2)")
     args = parser.parse_args(argv)
@@ -433,13 +487,16 @@ def main(argv=None):
         started = time.monotonic()
         cluster.start()
         nodes = ", ".join(f"{n} ({cluster.addr[n]})" for n in cluster.node_names)
-        print(f"{args.nodes} node(s) idle after {time.monotonic() - started:.1f} s: {nodes}; slurmctld on hub "
-              f"({cluster.hub_addr}); files in {cluster.root}\n"
-              "Slurm clients must run in the hub's network namespace. In another shell, as root:\n"
-              f"  export SLURM_CONF={cluster.conf}\n"
-              f"  {' '.join(cluster.client_prefix)} bash\n"
-              f"  sinfo -N; srun -N {args.nodes} hostname; HPCGAN_NODES={args.nodes} slurm/pipeline.sh\n"
-              "Ctrl-C here stops the cluster and removes its namespaces.", flush=True)
+        print(
+            f"{args.nodes} node(s) idle after {time.monotonic() - started:.1f} s: {nodes}; slurmctld on hub "
+            f"({cluster.hub_addr}); files in {cluster.root}\n"
+            "Slurm clients must run in the hub's network namespace. In another shell, as root:\n"
+            f"  export SLURM_CONF={cluster.conf}\n"
+            f"  {' '.join(cluster.client_prefix)} bash\n"
+            f"  sinfo -N; srun -N {args.nodes} hostname; HPCGAN_NODES={args.nodes} slurm/pipeline.sh\n"
+            "Ctrl-C here stops the cluster and removes its namespaces.",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ collective. The whole 2-rank job must end within 30 s of the error line with a n
 error line, naming the shard and the reason, must appear once: not once per rank, and with a traceback
 only under --debug. (test_train.test_a_dead_rank_ends_the_job covers a rank killed by a signal, which
 only mpirun sees.)"""
+
 import shutil
 import subprocess
 import threading
@@ -26,9 +27,31 @@ def gzip_dataset(sample_data, tmp_path_factory):
     """The sample data with gzip and one slice per chunk: damaging one chunk makes exactly one image
     unreadable, so exactly one rank fails."""
     out = tmp_path_factory.mktemp("gzip-dataset") / "dataset"
-    run_hpcgan("preprocess", "--input", sample_data, "--output", out, "--modalities", "t1", "--slices", "60:92",
-               "--min-brain-fraction", "0", "--size", "64", "--shards", "2", "--val-fraction", "0.5",
-               "--compression", "gzip", "--chunk-slices", "1", check=True, timeout=300)
+    run_hpcgan(
+        "preprocess",
+        "--input",
+        sample_data,
+        "--output",
+        out,
+        "--modalities",
+        "t1",
+        "--slices",
+        "60:92",
+        "--min-brain-fraction",
+        "0",
+        "--size",
+        "64",
+        "--shards",
+        "2",
+        "--val-fraction",
+        "0.5",
+        "--compression",
+        "gzip",
+        "--chunk-slices",
+        "1",
+        check=True,
+        timeout=300,
+    )
     return out
 
 
@@ -50,8 +73,9 @@ def damaged_copy(dataset, tmp_path, rank):
 
 def run_until_it_ends(cmd, timeout=120):
     """(exit code, output lines, seconds from the first error line to the end of the job)."""
-    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines, error_at = [], []
 
     def read():
@@ -80,21 +104,28 @@ def run_until_it_ends(cmd, timeout=120):
 # takes 20-40 s on a loaded 2-core machine.
 @pytest.mark.mpi
 @requires_mpirun
-@pytest.mark.parametrize("backend, rank, debug", [
-    ("horovod", 0, False), ("horovod", 1, True), ("torch", 0, True), ("torch", 1, False),
-])
+@pytest.mark.parametrize(
+    "backend, rank, debug",
+    [
+        ("horovod", 0, False),
+        ("horovod", 1, True),
+        ("torch", 0, True),
+        ("torch", 1, False),
+    ],
+)
 def test_an_exception_on_one_rank_ends_the_job_with_one_error_line(gzip_dataset, tmp_path, backend, rank, debug):
     dataset, shard, row = damaged_copy(gzip_dataset, tmp_path, rank)
     run = tmp_path / "run"
-    cmd = mpirun_cmd(WORLD) + hpcgan_cmd(*train_args(dataset, run, 100, "loss.type=hinge"), "--backend", backend,
-                                         *(["--debug"] if debug else []))
+    cmd = mpirun_cmd(WORLD) + hpcgan_cmd(
+        *train_args(dataset, run, 100, "loss.type=hinge"), "--backend", backend, *(["--debug"] if debug else [])
+    )
     code, lines, seconds = run_until_it_ends(cmd)
     output = "\n".join(lines)
     assert code != 0, output[-3000:]
     assert seconds < 30, f"the job ended {seconds:.0f} s after the error line"
-    errors = [l for l in lines if "hpcgan train: error" in l]
+    errors = [line for line in lines if "hpcgan train: error" in line]
     assert len(errors) == 1, output[-3000:]
     assert f"{shard}: image {row} is unreadable" in errors[0], errors[0]
     assert ("Traceback" in output) == debug, output[-3000:]
     # It failed mid-training: the steps before the damaged batch were logged, none after.
-    assert [l["step"] for l in read_jsonl(run / "metrics.jsonl")] == list(range(1, FAIL_STEP))
+    assert [line["step"] for line in read_jsonl(run / "metrics.jsonl")] == list(range(1, FAIL_STEP))

@@ -1,4 +1,5 @@
 """Checkpoint format, background writer, rotation, validation and loading (hpcgan.checkpoint)."""
+
 import datetime
 import json
 import random
@@ -13,8 +14,16 @@ import pytest
 import torch
 
 from conftest import REPO
-from hpcgan.checkpoint import (FORMAT, CheckpointWriter, capture_rng_state, find_latest_valid, load_checkpoint,
-                               resolve_checkpoint, restore_rng_state, to_host)
+from hpcgan.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointWriter,
+    capture_rng_state,
+    find_latest_valid,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng_state,
+    to_host,
+)
 from hpcgan.errors import HpcganError, UsageError
 from hpcgan.io import sha256_file
 
@@ -24,13 +33,24 @@ def small_state(step=0):
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
-    return {"step": step, "config": {"model": {"arch": "x"}}, "G": model.state_dict(), "opt_G": opt.state_dict(),
-            "rng": [capture_rng_state()], "scaler": None}
+    return {
+        "step": step,
+        "config": {"model": {"arch": "x"}},
+        "G": model.state_dict(),
+        "opt_G": opt.state_dict(),
+        "rng": [capture_rng_state()],
+        "scaler": None,
+    }
 
 
 def draws():
-    return (torch.rand(5).tolist(), np.random.rand(5).tolist(), np.random.randn(3).tolist(),
-            [random.random() for _ in range(5)], random.gauss(0, 1))
+    return (
+        torch.rand(5).tolist(),
+        np.random.rand(5).tolist(),
+        np.random.randn(3).tolist(),
+        [random.random() for _ in range(5)],
+        random.gauss(0, 1),
+    )
 
 
 def test_rng_capture_restore_is_exact_and_survives_weights_only_save(tmp_path):
@@ -68,11 +88,12 @@ def test_written_checkpoint_is_atomic_indexed_and_weights_only_loadable(tmp_path
     d = tmp_path / "checkpoints"
     assert sorted(p.name for p in d.iterdir()) == ["checkpoints.json", "ckpt-00000007.pt", "latest"]
     index = json.loads((d / "checkpoints.json").read_text())
-    assert index == [{"file": "ckpt-00000007.pt", "step": 7, "sha256": sha256_file(d / "ckpt-00000007.pt"),
-                      "metrics": {"fid": 1.5}}]
+    assert index == [
+        {"file": "ckpt-00000007.pt", "step": 7, "sha256": sha256_file(d / "ckpt-00000007.pt"), "metrics": {"fid": 1.5}}
+    ]
     assert (d / "latest").read_text().strip() == "ckpt-00000007.pt"
     raw = torch.load(d / "ckpt-00000007.pt", map_location="cpu", weights_only=True)
-    assert raw["format"] == FORMAT and raw["format_version"] == 1 and raw["step"] == 7
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["format_version"] == 1 and raw["step"] == 7
     assert raw["metrics"] == {"fid": 1.5}
     assert torch.equal(raw["G"]["weight"], state["G"]["weight"])
     assert raw["opt_G"]["state"][0]["exp_avg"].shape == (3, 4)
@@ -136,7 +157,7 @@ def test_load_checkpoint_refuses_bad_files_with_one_line(tmp_path):
     torch.save({"when": datetime.date(2026, 1, 1)}, objects)
     cases["python objects"] = (objects, "not an hpcgan checkpoint")
     future = tmp_path / "future.pt"
-    torch.save({"format": FORMAT, "format_version": 99}, future)
+    torch.save({"format": CHECKPOINT_FORMAT, "format_version": 99}, future)
     cases["future"] = (future, "format_version 99 is not supported")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -219,10 +240,12 @@ def test_a_new_writer_removes_what_a_killed_write_left(tmp_path):
         writer.submit(small_state(step), step)
     writer.close()
     # A process killed inside atomic_path leaves its temp file: the real name, from a real SIGKILL.
-    killed = ("import os, signal, sys\nfrom hpcgan.io import atomic_path\n"
-              "with atomic_path(sys.argv[1]) as tmp:\n"
-              "    open(tmp, 'wb').write(b'PK' * 1000)\n"
-              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = (
+        "import os, signal, sys\nfrom hpcgan.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    open(tmp, 'wb').write(b'PK' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     result = subprocess.run([sys.executable, "-c", killed, str(d / "ckpt-00000003.pt")], cwd=REPO)
     assert result.returncode == -signal.SIGKILL
     temps = [p.name for p in d.iterdir() if p.name.startswith(".ckpt-00000003.pt.")]
@@ -231,8 +254,7 @@ def test_a_new_writer_removes_what_a_killed_write_left(tmp_path):
     shutil.copy(d / "ckpt-00000002.pt", d / "ckpt-00000004.pt")
     assert find_latest_valid(d) == d / "ckpt-00000002.pt"  # the index decides
     CheckpointWriter(d, keep_last=5)
-    assert sorted(p.name for p in d.iterdir()) == ["checkpoints.json", "ckpt-00000001.pt", "ckpt-00000002.pt",
-                                                   "latest"]
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoints.json", "ckpt-00000001.pt", "ckpt-00000002.pt", "latest"]
     # Without a readable index no checkpoint file is known to be garbage: all stay.
     (d / "checkpoints.json").write_text("{torn")
     CheckpointWriter(d, keep_last=5)
@@ -245,7 +267,7 @@ def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.Adam(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=3)
 
     def step(scaler, loss_factor=1.0):
         opt.zero_grad()
@@ -260,7 +282,7 @@ def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
     writer.close()
     restored = torch.amp.GradScaler("cpu")
     restored.load_state_dict(load_checkpoint(tmp_path)["scaler_G"])
-    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0 ** 7
+    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0**7
     step(scaler)
     step(restored)
-    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0 ** 8  # grew on the same step
+    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0**8  # grew on the same step

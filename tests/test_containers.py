@@ -3,6 +3,7 @@ CPU variant is really built with podman (tests/container_build.py) and, inside i
 passes, a 2-rank Horovod training on real brain MRI checkpoints and `hpcgan sample` writes a stack.
 With apptainer or singularity installed, the .def is built and trains on 2 ranks too (hybrid model:
 the host's mpirun, one container per rank)."""
+
 import json
 import os
 import re
@@ -37,8 +38,9 @@ def test_def_and_dockerfile_take_the_same_build_arguments_and_sources():
     docker_args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
     assert def_args == docker_args
     def_files = sorted(line.split()[0] for line in sections["files"])
-    docker_files = sorted(word for line in re.findall(r"^COPY (.+) /opt/hpcgan/\S*$", dockerfile, re.M)
-                          for word in line.split())
+    docker_files = sorted(
+        word for line in re.findall(r"^COPY (.+) /opt/hpcgan/\S*$", dockerfile, re.M) for word in line.split()
+    )
     assert def_files == docker_files
     for path in def_files:  # everything scripts/setup.sh and `pip install -e` need is copied
         assert (REPO / path).exists(), path
@@ -64,10 +66,39 @@ def test_cpu_image_runs_doctor_and_a_two_rank_training(tmp_path, sample_data):
     doctor = run_cmd(in_image("doctor"), env=mpi_env(), timeout=300)
     assert doctor.returncode == 0 and "training path: ready" in doctor.stdout, doctor.stdout + doctor.stderr
     dataset, run = tmp_path / "dataset", tmp_path / "run"
-    run_cmd(in_image("preprocess", "--input", sample_data, "--output", dataset, "--modalities", "t1", "--size", "64",
-                     "--slices", "80:100"), env=mpi_env(), timeout=300, check=True)
-    train = in_image("train", "--config", "wgan-gp-64", "--data", dataset, "--out", run, "--set", "train.steps=4",
-                     "--set", "train.batch_size=4", "--set", "checkpoint.every_steps=2")
+    run_cmd(
+        in_image(
+            "preprocess",
+            "--input",
+            sample_data,
+            "--output",
+            dataset,
+            "--modalities",
+            "t1",
+            "--size",
+            "64",
+            "--slices",
+            "80:100",
+        ),
+        env=mpi_env(),
+        timeout=300,
+        check=True,
+    )
+    train = in_image(
+        "train",
+        "--config",
+        "wgan-gp-64",
+        "--data",
+        dataset,
+        "--out",
+        run,
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "checkpoint.every_steps=2",
+    )
     run_cmd(mpirun_cmd(2) + [str(a) for a in train], env=mpi_env(), timeout=600, check=True)
     assert (run / "checkpoints" / "latest").exists()
 
@@ -102,14 +133,21 @@ def test_built_image_runs_doctor_a_two_rank_training_and_sampling(cpu_image, sam
     doctor = podman.run(tag, "hpcgan doctor", timeout=300, check=False)
     assert doctor.returncode == 0 and "training path: ready" in doctor.stdout, doctor.stdout + doctor.stderr
     dataset, run, samples = tmp_path / "dataset", tmp_path / "run", tmp_path / "samples"
-    script = " && ".join([
-        f"hpcgan preprocess --input {sample_data} --output {dataset} --modalities t1 --size 64 --slices 80:100",
-        f"mpirun -np 2 --oversubscribe --bind-to none hpcgan train --config wgan-gp-64 --data {dataset} --out {run} "
-        "--set train.steps=4 --set train.batch_size=4 --set checkpoint.every_steps=2 --set log.sample_every_steps=0",
-        f"hpcgan sample --checkpoint {run} --out {samples} --stack-size 10 --format h5,nifti",
-    ])
-    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1",
-           "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+    script = " && ".join(
+        [
+            f"hpcgan preprocess --input {sample_data} --output {dataset} --modalities t1 --size 64 --slices 80:100",
+            f"mpirun -np 2 --oversubscribe --bind-to none hpcgan train --config wgan-gp-64 --data {dataset} "
+            f"--out {run} --set train.steps=4 --set train.batch_size=4 --set checkpoint.every_steps=2 "
+            "--set log.sample_every_steps=0",
+            f"hpcgan sample --checkpoint {run} --out {samples} --stack-size 10 --format h5,nifti",
+        ]
+    )
+    env = {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMP_NUM_THREADS": "1",
+        "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+    }
     result = podman.run(tag, script, binds=(tmp_path, sample_data), env=env, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt"))

@@ -3,6 +3,7 @@ metrics.jsonl, a checkpoint's temp file, a checkpoint the index does not list, T
 the checkpoint) never stops `--resume auto`, and the resumed run equals an uninterrupted one: the
 crafted state of a kill mid-append and mid-checkpoint on one process, and a real SIGKILL of a whole
 2-rank job (mpirun and both ranks) mid-training."""
+
 import json
 import signal
 import subprocess
@@ -25,7 +26,7 @@ TORN = '{"step": 5, "epoch": 0, "time_s": 17.5, "loss_d": 0.12'  # a line cut sh
 def test_every_reader_drops_a_torn_last_line(tmp_path, warnings_of_hpcgan):
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": 1, "loss_d": 1.0}, {"step": 2, "eval": {"swd": {"value": 3.5}}}, {"step": 2, "loss_d": 0.5}]
-    path.write_text("".join(json.dumps(l) + "\n" for l in lines) + TORN)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + TORN)
     assert read_jsonl(path) == lines
     assert f"{path}: dropping an incomplete last line ({len(TORN)} bytes" in warnings_of_hpcgan.text
     assert read_metrics(path) == ([lines[0], lines[2]], [lines[1]])  # hpcgan report
@@ -58,7 +59,7 @@ def test_resume_after_a_kill_mid_append_and_mid_checkpoint(sample_dataset, tmp_p
     run_hpcgan(*train_args(sample_dataset, reference, 8, *sets), check=True)
     # Every line parses (nothing glued onto the torn one), one per step, equal to the uninterrupted run.
     assert metrics_lines(killed) == metrics_lines(reference)
-    assert [l["step"] for l in metrics_lines(killed)] == list(range(1, 9))
+    assert [line["step"] for line in metrics_lines(killed)] == list(range(1, 9))
     assert differences(load_ckpt(killed), load_ckpt(reference)) == []
 
 
@@ -82,8 +83,7 @@ def test_sigkill_of_a_two_rank_job_then_resume(sample_dataset, tmp_path):
     sets = ["checkpoint.every_steps=2", "log.tensorboard=true", "loss.type=hinge"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     cmd = mpirun_cmd(2) + hpcgan_cmd(*train_args(sample_dataset, killed, 100000, *sets))
-    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         # Kill once a checkpoint exists and training has gone past it: mid-step, most likely.
@@ -100,8 +100,9 @@ def test_sigkill_of_a_two_rank_job_then_resume(sample_dataset, tmp_path):
     newest = find_latest_valid(killed / "checkpoints")  # what --resume auto takes
     k = load_checkpoint(newest)["step"]
     resumed = run_hpcgan_mpi(2, *train_args(sample_dataset, killed, k + 3, *sets), "--resume", "auto", timeout=240)
-    assert resumed.returncode == 0 and f"resuming from {newest.name} (step {k})" in resumed.stderr, \
-        resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and f"resuming from {newest.name} (step {k})" in resumed.stderr, resumed.stderr[
+        -3000:
+    ]
     run_hpcgan_mpi(2, *train_args(sample_dataset, reference, k + 3, *sets), check=True, timeout=240)
     assert differences(load_ckpt(killed), load_ckpt(reference)) == []
     assert metrics_lines(killed) == metrics_lines(reference)

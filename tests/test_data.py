@@ -1,5 +1,6 @@
 """hpcgan.data: the sampler's rank parts and resume, and the Dataset against plain h5py on a
 real preprocessed dataset (the sample_dataset fixture)."""
+
 import pickle
 
 import h5py
@@ -34,8 +35,8 @@ def test_rank_parts_are_disjoint_equal_and_cover_the_epoch():
     assert set(union) == set(single)
     # Global batch b of 4 ranks = batch b of one process with batch size 4 x 5.
     for b in range(5):
-        global_batch = [i for p in parts for i in p[b * 5:(b + 1) * 5]]
-        assert global_batch == single[b * 20:(b + 1) * 20]
+        global_batch = [i for p in parts for i in p[b * 5 : (b + 1) * 5]]
+        assert global_batch == single[b * 20 : (b + 1) * 20]
 
 
 def test_epochs_reshuffle_and_seed_reproduces():
@@ -51,7 +52,7 @@ def test_start_batch_resumes_exactly_inside_an_epoch():
     full = epoch_parts(90, 3, 4, epoch=5)
     resumed = epoch_parts(90, 3, 4, epoch=5, start_batch=3)
     for f, r in zip(full, resumed):
-        assert r == f[3 * 4:]
+        assert r == f[3 * 4 :]
 
 
 def test_dataset_smaller_than_a_global_batch_is_a_usage_error():
@@ -104,8 +105,7 @@ def test_flip_is_horizontal_and_reproducible(sample_dataset):
 
 
 def test_loader_with_workers_yields_the_sampler_order(sample_dataset):
-    loader, sampler = make_loader(sample_dataset, "train", batch_size=8, rank=1, world_size=2, seed=0,
-                                  num_workers=2)
+    loader, sampler = make_loader(sample_dataset, "train", batch_size=8, rank=1, world_size=2, seed=0, num_workers=2)
     sampler.set_epoch(2, start_batch=1)
     batches = [x for x, _ in loader]
     assert len(batches) == sampler.batches_per_epoch - 1 == 2

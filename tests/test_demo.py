@@ -4,6 +4,7 @@ The script is run as `make demo` runs it (after the set-up), into a temp dir. It
 for what each stage promises; the second run must find the dataset and the finished run valid
 (no "--overwrite" refusal, no retraining) and still exit 0.
 """
+
 import json
 
 import h5py

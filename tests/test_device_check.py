@@ -1,6 +1,7 @@
 """GPU readiness that a CPU machine can show: the world check on the training device (its watchdog;
-`hpcgan doctor`'s report of it is in test_foundation.py), fp16 gradient compression divided before the sum on both backends,
+`hpcgan doctor`'s report of it is in test_doctor.py), fp16 gradient compression divided before the sum on both backends,
 the collective timeout, and train.amp refused where the device cannot run it."""
+
 import time
 
 import pytest
@@ -71,7 +72,10 @@ def test_amp_is_checked_against_the_device(monkeypatch, warnings_of_hpcgan):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     check_amp(fp16, "auto", "wgan-gp-64")
-    with pytest.raises(UsageError, match=r"'train.amp' bf16 is not supported by Tesla V100-SXM2-32GB "
-                                         r"\(compute capability 7.0 < 8.0\): use fp16"):
+    with pytest.raises(
+        UsageError,
+        match=r"'train.amp' bf16 is not supported by Tesla V100-SXM2-32GB "
+        r"\(compute capability 7.0 < 8.0\): use fp16",
+    ):
         check_amp(bf16, "auto", "wgan-gp-64")
     check_amp(bf16, "cpu", "wgan-gp-64")  # --device cpu on a GPU node: bf16 on the CPU

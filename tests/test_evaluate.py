@@ -1,6 +1,7 @@
 """`hpcgan evaluate` end to end on real slices: the table and JSON, the same numbers on 1, 2 and 3
 ranks (real mpirun) with every rank doing part of every metric, the --checkpoint path, --max-real and
 --worst-dir, and one-line refusals of bad input."""
+
 import json
 import math
 
@@ -10,7 +11,7 @@ import pytest
 from hpcgan.data import read_slices
 from hpcgan.metrics import fid, intensity, memorization, msssim, swd
 from hpcgan.stacks import write_stack_h5
-from tests.conftest import REPO, requires_mpirun, run_hpcgan, run_hpcgan_mpi, run_python_mpi
+from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi
 
 ALL = "swd,msssim,intensity,memorization,fid"
 NUM_GENERATED = 600
@@ -23,7 +24,7 @@ def write_samples(directory, images, stack_size=100):
     """A sample directory as `hpcgan sample` writes it: stack-*.h5 of (N, C, H, W) float32."""
     directory.mkdir(parents=True, exist_ok=True)
     for k, start in enumerate(range(0, len(images), stack_size)):
-        write_stack_h5(directory / f"stack-{k:05d}.h5", images[start:start + stack_size], {"step": 7, "seed": 0})
+        write_stack_h5(directory / f"stack-{k:05d}.h5", images[start : start + stack_size], {"step": 7, "seed": 0})
     return directory
 
 
@@ -35,15 +36,26 @@ def samples(sample_dataset, tmp_path_factory):
     train, val = read_slices(sample_dataset, "train"), read_slices(sample_dataset, "val")
     rng = np.random.default_rng(0)
     copies = np.roll(np.tile(train, (NUM_COPIES // len(train), 1, 1, 1)), 1, axis=3)
-    new = np.tile(val[:, :, ::-1], (8, 1, 1, 1))[:NUM_GENERATED - NUM_COPIES]
+    new = np.tile(val[:, :, ::-1], (8, 1, 1, 1))[: NUM_GENERATED - NUM_COPIES]
     images = np.concatenate([copies, new])
     images = np.clip(images + rng.normal(0, 0.02, images.shape), -1, 1).astype(np.float32)
     return write_samples(tmp_path_factory.mktemp("samples") / "samples", images)
 
 
 def evaluate_args(sample_dataset, samples, fid_weights, out):
-    return ["evaluate", "--data", sample_dataset, "--samples", samples, "--metrics", ALL, "--fid-weights",
-            fid_weights, "--out", out]
+    return [
+        "evaluate",
+        "--data",
+        sample_dataset,
+        "--samples",
+        samples,
+        "--metrics",
+        ALL,
+        "--fid-weights",
+        fid_weights,
+        "--out",
+        out,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +106,22 @@ def assert_same_numbers(one, many, path="metrics"):
 
 def chunks_per_metric(num_images):
     """How many units of work (chunks of images or of image pairs) each metric splits across ranks."""
-    return {"swd patches": math.ceil(num_images / swd.IMAGES_PER_UNIT),
-            "swd projections": 3 * swd.DIR_REPEATS,  # 3 pyramid levels at 64 px
-            "msssim pairs": math.ceil(msssim.NUM_PAIRS / msssim.PAIRS_PER_UNIT),
-            "intensity": math.ceil(num_images / intensity.IMAGES_PER_UNIT),
-            "memorization": math.ceil(num_images / memorization.IMAGES_PER_UNIT),
-            "fid": math.ceil(num_images / fid.IMAGES_PER_UNIT)}
+    return {
+        "swd patches": math.ceil(num_images / swd.IMAGES_PER_UNIT),
+        "swd projections": 3 * swd.DIR_REPEATS,  # 3 pyramid levels at 64 px
+        "msssim pairs": math.ceil(msssim.NUM_PAIRS / msssim.PAIRS_PER_UNIT),
+        "intensity": math.ceil(num_images / intensity.IMAGES_PER_UNIT),
+        "memorization": math.ceil(num_images / memorization.IMAGES_PER_UNIT),
+        "fid": math.ceil(num_images / fid.IMAGES_PER_UNIT),
+    }
 
 
 @pytest.mark.mpi
 @requires_mpirun
 @pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_any_number_of_ranks_gives_the_single_process_numbers(ranks, single, sample_dataset, samples, fid_weights,
-                                                              tmp_path):
+def test_any_number_of_ranks_gives_the_single_process_numbers(
+    ranks, single, sample_dataset, samples, fid_weights, tmp_path
+):
     chunks = chunks_per_metric(NUM_GENERATED)
     assert min(chunks.values()) >= 3 * ranks, chunks  # every rank computes part of every metric
     _, out1 = single
@@ -115,15 +130,6 @@ def test_any_number_of_ranks_gives_the_single_process_numbers(ranks, single, sam
     one, many = json.loads(out1.read_text()), json.loads(out.read_text())
     assert many["world_size"] == ranks and one["world_size"] == 1
     assert_same_numbers(one["metrics"], many["metrics"])  # every value, per level and per pair
-
-
-@pytest.mark.mpi
-@requires_mpirun
-def test_units_of_work_are_dealt_round_robin_and_every_rank_gets_all_results(tmp_path):
-    run_python_mpi(3, REPO / "tests" / "mpi_scripts" / "split_check.py", tmp_path, check=True, timeout=120)
-    expected = [[unit, unit % 3, unit * unit] for unit in range(10)]
-    for rank in range(3):
-        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == expected
 
 
 @pytest.mark.slow
@@ -145,8 +151,21 @@ def test_checkpoint_mode_scores_the_generated_images_on_1_and_2_ranks(sample_dat
     writer.close()
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000005.pt"
     # --max-real 20: a fixed random subset of 20 of the 48 slices of each split; --worst-dir: the pairs' PNGs there.
-    args = ["evaluate", "--data", sample_dataset, "--checkpoint", tmp_path / "run", "--num-images", 20,
-            "--metrics", "swd,intensity,memorization", "--seed", 3, "--max-real", 20]
+    args = [
+        "evaluate",
+        "--data",
+        sample_dataset,
+        "--checkpoint",
+        tmp_path / "run",
+        "--num-images",
+        20,
+        "--metrics",
+        "swd,intensity,memorization",
+        "--seed",
+        3,
+        "--max-real",
+        20,
+    ]
     out = tmp_path / "evaluation.json"
     run_hpcgan(*args, "--out", out, "--worst-dir", tmp_path / "worst", check=True, timeout=240)
     report = json.loads(out.read_text())
@@ -154,32 +173,42 @@ def test_checkpoint_mode_scores_the_generated_images_on_1_and_2_ranks(sample_dat
     assert report["real"] == {"train": 20, "val": 20}
     assert report["worst_dir"] == "worst" and not (tmp_path / "worst-pairs").exists()
     assert sorted(p.name for p in (tmp_path / "worst").iterdir()) == sorted(
-        row["png"] for row in report["metrics"]["memorization"]["worst"])
+        row["png"] for row in report["metrics"]["memorization"]["worst"]
+    )
     # Under mpirun rank 0 generates and broadcasts: the same images, the same numbers.
     out2 = tmp_path / "evaluation-2.json"
     run_hpcgan_mpi(2, *args, "--out", out2, check=True, timeout=240)
     assert json.loads(out2.read_text())["metrics"] == report["metrics"]
     images = generate_images(ckpt, 20, seed=3)
-    expected = evaluate(images, read_slices(sample_dataset, "train", 20, 3),
-                        read_slices(sample_dataset, "val", 20, 3), metrics=("swd", "intensity", "memorization"), seed=3)
+    expected = evaluate(
+        images,
+        read_slices(sample_dataset, "train", 20, 3),
+        read_slices(sample_dataset, "val", 20, 3),
+        metrics=("swd", "intensity", "memorization"),
+        seed=3,
+    )
     for metric in ("swd", "intensity", "memorization"):
         for key in ("value", "baseline"):
             assert report["metrics"][metric][key] == pytest.approx(expected[metric][key], rel=1e-6), (metric, key)
     # The whole split gives other baselines: the subset was used.
-    full = evaluate(images, read_slices(sample_dataset, "train"),
-                    read_slices(sample_dataset, "val"), metrics=("intensity",), seed=3)
+    full = evaluate(
+        images, read_slices(sample_dataset, "train"), read_slices(sample_dataset, "val"), metrics=("intensity",), seed=3
+    )
     assert full["intensity"]["baseline"] != pytest.approx(report["metrics"]["intensity"]["baseline"], rel=1e-3)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no-samples", "no such samples directory"),
-    ("empty-samples", "no stack-*.h5 files"),
-    ("bad-metric", "--metrics: unknown metric 'ssim'"),
-    ("wrong-size", "generated images are (1, 32, 32) but the training images are (1, 64, 64)"),
-    ("no-weights-file", "--fid-weights"),
-    ("not-a-dataset", "not a dataset"),
-    ("mixed-stacks", "stacks of different or non-(N, C, H, W) shapes"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no-samples", "no such samples directory"),
+        ("empty-samples", "no stack-*.h5 files"),
+        ("bad-metric", "--metrics: unknown metric 'ssim'"),
+        ("wrong-size", "generated images are (1, 32, 32) but the training images are (1, 64, 64)"),
+        ("no-weights-file", "--fid-weights"),
+        ("not-a-dataset", "not a dataset"),
+        ("mixed-stacks", "stacks of different or non-(N, C, H, W) shapes"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_no_file(case, message, sample_dataset, samples, tmp_path):
     data, source, extra = sample_dataset, samples, []
     if case == "no-samples":

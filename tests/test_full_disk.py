@@ -2,6 +2,7 @@
 a sample stack or a preprocessed shard that hits ENOSPC fails with one line naming the file and "no
 space left", leaves no partial file, and keeps what was written before valid (checkpoints indexed, with
 matching checksums). Training stops at the failed checkpoint instead of going on without one."""
+
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_hpcgan
+from conftest import SAMPLE_DATASET_OPTIONS, run_hpcgan
 from hpcgan.checkpoint import find_latest_valid, load_checkpoint, read_index
 from hpcgan.io import sha256_file
 from test_train import train_args
@@ -17,8 +18,14 @@ from test_train import train_args
 PAGE = 4096
 # The shipped wgan-gp-64 model at its own widths (the checkpoint is a few MB, so the run directory's
 # small files hardly count), batch 4, no grids or TensorBoard.
-FULL_SIZE = ["model.g_base_width=16", "model.d_base_width=16", "model.max_width=128", "model.latent_dim=64",
-             "checkpoint.keep=10", "log.every_steps=1000"]
+FULL_SIZE = [
+    "model.g_base_width=16",
+    "model.d_base_width=16",
+    "model.max_width=128",
+    "model.latent_dim=64",
+    "checkpoint.keep=10",
+    "log.every_steps=1000",
+]
 
 
 def pages(n_bytes: int) -> int:
@@ -35,8 +42,11 @@ def small_disk(tmp_path):
     def mount(size_bytes: int):
         where = tmp_path / f"small-{len(mounted)}"
         where.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages(size_bytes) * PAGE}", "tmpfs", str(where)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={pages(size_bytes) * PAGE}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
         mounted.append(where)
@@ -61,7 +71,7 @@ def hidden_files(directory):
 
 
 def one_error_line(stderr):
-    lines = [l for l in stderr.splitlines() if "error:" in l]
+    lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return lines[0]
 
@@ -74,18 +84,23 @@ def test_checkpoint_on_a_full_disk_stops_training(sample_dataset, reference_run,
     # Room for the reference run's files plus half a checkpoint and a few pages more of metrics and temp files.
     disk = small_disk((used + checkpoint // 2 + 8) * PAGE)
     run = disk / "run"
-    result = run_hpcgan(*train_args(sample_dataset, run, 1000, *FULL_SIZE, "checkpoint.every_steps=4",
-                                    "log.every_steps=1"), timeout=300)
+    result = run_hpcgan(
+        *train_args(sample_dataset, run, 1000, *FULL_SIZE, "checkpoint.every_steps=4", "log.every_steps=1"), timeout=300
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_error_line(result.stderr)
     assert f"{run / 'checkpoints' / 'ckpt-00000012.pt'}: no space left on device" in line, line
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 12 <= steps[-1] < 16, steps[-1]
     ckpt_dir = run / "checkpoints"
     index = read_index(ckpt_dir)
     assert [e["step"] for e in index] == [4, 8]
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoints.json", "ckpt-00000004.pt", "ckpt-00000008.pt",
-                                                          "latest"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "checkpoints.json",
+        "ckpt-00000004.pt",
+        "ckpt-00000008.pt",
+        "latest",
+    ]
     for entry in index:
         assert sha256_file(ckpt_dir / entry["file"]) == entry["sha256"]
     assert find_latest_valid(ckpt_dir).name == "ckpt-00000008.pt"
@@ -97,8 +112,9 @@ def test_sample_stack_on_a_full_disk(reference_run, small_disk):
     """32 kB: less than a stack of 100 images (HDF5, gzip) takes. HDF5 cannot close a file whose flush
     fails (h5py then segfaulted at exit); hpcgan.io.HDF5Output makes it a clean error."""
     out = small_disk(8 * PAGE) / "samples"
-    result = run_hpcgan("sample", "--checkpoint", reference_run, "--out", out, "--stack-size", 100, "--format", "h5",
-                        timeout=300)
+    result = run_hpcgan(
+        "sample", "--checkpoint", reference_run, "--out", out, "--stack-size", 100, "--format", "h5", timeout=300
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_error_line(result.stderr)
     assert f"{out / 'stack-00000.h5'}: no space left on device" in line, line
@@ -110,9 +126,17 @@ def test_preprocess_shard_on_a_full_disk(sample_data, sample_dataset, small_disk
     """The sample dataset's preprocessing on a disk with room for half of its train shard."""
     shard = max((p.stat().st_size for p in sample_dataset.glob("*.h5")))
     out = small_disk(shard // 2 + 16 * PAGE) / "dataset"
-    result = run_hpcgan("preprocess", "--input", sample_data, "--output", out, "--modalities", "t1", "--mask", "seg",
-                        "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64", "--shards", "2",
-                        "--val-fraction", "0.5", timeout=300)
+    result = run_hpcgan(
+        "preprocess",
+        "--input",
+        sample_data,
+        "--output",
+        out,
+        *SAMPLE_DATASET_OPTIONS,
+        "--shards",
+        "2",
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     line = one_error_line(result.stderr)
     assert str(out) in line and ".h5: no space left on device" in line, line

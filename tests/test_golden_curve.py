@@ -3,6 +3,7 @@ in tests/data/golden-curve.json. A numeric change in the networks, losses, data 
 them, and the diff shows in review: if the change is meant, regenerate the file with
   HPCGAN_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_curve.py
 and commit it with the change that explains it."""
+
 import json
 import os
 
@@ -22,12 +23,17 @@ def logged_curve(run_dir) -> list:
     """Per logged step, the losses and training statistics (not the wall-clock figures)."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keep = lambda k, v: isinstance(v, float) and k.startswith(("loss", "d_", "g_", "gp", "real", "fake"))  # noqa: E731
-    return [{"step": line["step"], **{k: v for k, v in line.items() if keep(k, v)}} for line in lines if "loss_d" in line]
+    return [
+        {"step": line["step"], **{k: v for k, v in line.items() if keep(k, v)}} for line in lines if "loss_d" in line
+    ]
 
 
 def test_the_first_losses_of_a_seeded_run_match_the_golden_curve(sample_dataset, tmp_path):
-    run_hpcgan(*train_args(sample_dataset, tmp_path / "run", STEPS, *SETS), check=True,
-               env=mpi_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}))
+    run_hpcgan(
+        *train_args(sample_dataset, tmp_path / "run", STEPS, *SETS),
+        check=True,
+        env=mpi_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    )
     curve = logged_curve(tmp_path / "run")
     assert [point["step"] for point in curve] == list(range(1, STEPS + 1))
     assert {"loss_d", "loss_g"} <= set(curve[1])

@@ -4,6 +4,7 @@ checkpoints still load), persistent forkserver data workers that follow the epoc
 random stream alone (a resume with workers is bit-exact), and allreduce waits timed by CUDA events read
 lazily. No GPU here: torch.cuda's functions are replaced where a GPU is simulated; the tests marked
 `requires_cuda` run the real thing on a GPU machine."""
+
 import json
 import os
 import time
@@ -16,7 +17,8 @@ from hpcgan.checkpoint import capture_rng_state, restore_rng_state
 from hpcgan.data import SliceDataset, make_loader
 from hpcgan.errors import UsageError
 from hpcgan.parallel.backend import Backend
-from hpcgan.training_loop import latent_slice, set_determinism
+from hpcgan.training.loop import set_determinism
+from hpcgan.training.steps import latent_slice
 from test_resume import differences, metrics_lines
 from test_train import load_ckpt, train_args
 
@@ -32,13 +34,23 @@ def without_config(checkpoint: dict) -> dict:
 @pytest.fixture
 def torch_flags():
     """Puts back the process-wide switches that set_determinism turns."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision(), os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None))
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None),
+    )
     yield
     torch.use_deterministic_algorithms(saved[0])
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
-     torch.backends.cudnn.allow_tf32) = saved[1:5]
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    ) = saved[1:5]
     torch.set_float32_matmul_precision(saved[5])
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     if saved[6] is not None:
@@ -46,14 +58,19 @@ def torch_flags():
 
 
 # --- train.deterministic ------------------------------------------------------------------------------
-def test_deterministic_sets_the_flags_and_leaves_cpu_weights_as_they_were(sample_dataset, tmp_path, torch_flags,
-                                                                          cli_in_process):
+def test_deterministic_sets_the_flags_and_leaves_cpu_weights_as_they_were(
+    sample_dataset, tmp_path, torch_flags, cli_in_process
+):
     # Both in this process: the same number of CPU threads (which changes how float sums are split).
     assert cli_in_process([*map(str, train_args(sample_dataset, tmp_path / "default", 4, *RANDOM))]) == 0
     assert not torch.are_deterministic_algorithms_enabled()
     torch.backends.cudnn.allow_tf32 = True  # torch's default, which a deterministic run must turn off
-    assert cli_in_process([*map(str, train_args(sample_dataset, tmp_path / "exact", 4, *RANDOM,
-                                                "train.deterministic=true"))]) == 0
+    assert (
+        cli_in_process(
+            [*map(str, train_args(sample_dataset, tmp_path / "exact", 4, *RANDOM, "train.deterministic=true"))]
+        )
+        == 0
+    )
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert not torch.backends.cudnn.benchmark
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
@@ -132,15 +149,20 @@ def test_rng_state_holds_and_restores_only_the_ranks_own_cuda_device(monkeypatch
     assert cuda.calls == []
 
 
-@pytest.mark.parametrize("saved, device, entry", [
-    (3, 1, 1),  # the same visibility: the entry of the rank's device
-    (1, 1, 0),  # written with one GPU visible per rank: its only entry
-    (2, 3, 0),  # a device beyond the old list: the first entry rather than none
-])
+@pytest.mark.parametrize(
+    "saved, device, entry",
+    [
+        (3, 1, 1),  # the same visibility: the entry of the rank's device
+        (1, 1, 0),  # written with one GPU visible per rank: its only entry
+        (2, 3, 0),  # a device beyond the old list: the first entry rather than none
+    ],
+)
 def test_rng_state_of_older_checkpoints_with_every_device_still_restores(monkeypatch, saved, device, entry):
     cuda = FakeCudaRng(monkeypatch, count=4, current=device)
-    old = {**capture_rng_state(torch.device("cpu")),
-           "cuda": [torch.full((16,), 100 + i, dtype=torch.uint8) for i in range(saved)]}
+    old = {
+        **capture_rng_state(torch.device("cpu")),
+        "cuda": [torch.full((16,), 100 + i, dtype=torch.uint8) for i in range(saved)],
+    }
     restore_rng_state(old, torch.device("cuda", device))
     assert cuda.calls == [("set", device)] and torch.equal(cuda.states[device], old["cuda"][entry])
 
@@ -180,8 +202,14 @@ def test_resume_with_data_workers_is_bit_exact(sample_dataset, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     run_hpcgan_mpi(2, *train_args(sample_dataset, full, 8, *sets), check=True, timeout=240)
     run_hpcgan_mpi(2, *train_args(sample_dataset, split, 5, *sets, "train.num_workers=2"), check=True, timeout=240)
-    run_hpcgan_mpi(2, *train_args(sample_dataset, split, 8, *sets, "train.num_workers=2"), "--resume", "auto",
-                   check=True, timeout=240)
+    run_hpcgan_mpi(
+        2,
+        *train_args(sample_dataset, split, 8, *sets, "train.num_workers=2"),
+        "--resume",
+        "auto",
+        check=True,
+        timeout=240,
+    )
     a, b = load_ckpt(full, 8), load_ckpt(split, 8)
     assert b["config"]["train"]["num_workers"] == 2 and (a["step"], a["epoch"]) == (8, 1)
     assert differences(without_config(a), without_config(b)) == []

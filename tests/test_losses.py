@@ -1,4 +1,5 @@
 """GAN losses (hpcgan/losses.py) and DiffAugment (hpcgan/augment.py)."""
+
 import math
 
 import pytest
@@ -47,8 +48,9 @@ def sliced_wasserstein(a, b, seed=2, projections=128):
 
 
 def mlp(n_in, n_out):
-    return nn.Sequential(nn.Linear(n_in, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64), nn.LeakyReLU(0.2),
-                         nn.Linear(64, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64), nn.LeakyReLU(0.2), nn.Linear(64, n_out)
+    )
 
 
 def train_toy_gan(cfg, steps, lr, batch):
@@ -82,18 +84,22 @@ def train_toy_gan(cfg, steps, lr, batch):
     return before, sliced_wasserstein(samples, target), samples
 
 
-@pytest.mark.parametrize("cfg, steps, lr, batch, resolves_modes", [
-    (LossConfig(type="bce"), 600, 1e-3, 512, True),
-    (LossConfig(type="bce", label_smoothing=0.1), 600, 1e-3, 512, True),
-    (LossConfig(type="lsgan"), 600, 1e-3, 512, True),
-    (LossConfig(type="hinge"), 600, 1e-3, 512, True),
-    # The Wasserstein family wants several critic steps per G step (as in their papers); the clip
-    # value scales with this critic's width, and WGAN-GP oscillates at larger learning rates. In a
-    # budget of seconds they move the samples towards the ring but resolve none of its modes (the
-    # papers train for 10^4-10^5 steps), so for them only the distance is checked.
-    (LossConfig(type="wgan", n_critic=5, clip_value=0.05), 500, 1e-3, 128, False),
-    (LossConfig(type="wgan-gp", n_critic=5), 3000, 1e-4, 128, False),
-], ids=["bce", "bce-smoothed", "lsgan", "hinge", "wgan", "wgan-gp"])
+@pytest.mark.parametrize(
+    "cfg, steps, lr, batch, resolves_modes",
+    [
+        (LossConfig(type="bce"), 600, 1e-3, 512, True),
+        (LossConfig(type="bce", label_smoothing=0.1), 600, 1e-3, 512, True),
+        (LossConfig(type="lsgan"), 600, 1e-3, 512, True),
+        (LossConfig(type="hinge"), 600, 1e-3, 512, True),
+        # The Wasserstein family wants several critic steps per G step (as in their papers); the clip
+        # value scales with this critic's width, and WGAN-GP oscillates at larger learning rates. In a
+        # budget of seconds they move the samples towards the ring but resolve none of its modes (the
+        # papers train for 10^4-10^5 steps), so for them only the distance is checked.
+        (LossConfig(type="wgan", n_critic=5, clip_value=0.05), 500, 1e-3, 128, False),
+        (LossConfig(type="wgan-gp", n_critic=5), 3000, 1e-4, 128, False),
+    ],
+    ids=["bce", "bce-smoothed", "lsgan", "hinge", "wgan", "wgan-gp"],
+)
 def test_each_loss_learns_a_ring_of_gaussians(cfg, steps, lr, batch, resolves_modes):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
@@ -116,6 +122,7 @@ def test_recovered_modes_counts_a_collapsed_and_a_complete_ring():
 
 # ---------------------------------------------------------------- gradient penalty
 
+
 def small_critic():
     cfg = ModelConfig(resolution=32, channels=1, d_base_width=4, max_width=8, d_norm="layer")
     torch.manual_seed(3)
@@ -134,7 +141,7 @@ def test_gradient_penalty_matches_finite_differences():
     basis = torch.eye(32 * 32, dtype=torch.float64).view(-1, 1, 32, 32)
     with torch.no_grad():
         for i in range(2):  # central differences along every pixel, one sample at a time
-            grad = (D(x_hat[i:i + 1] + h * basis) - D(x_hat[i:i + 1] - h * basis)) / (2 * h)
+            grad = (D(x_hat[i : i + 1] + h * basis) - D(x_hat[i : i + 1] - h * basis)) / (2 * h)
             norms.append(grad.norm())
     expected = ((torch.stack(norms) - 1) ** 2).mean()
     assert gp.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -167,6 +174,7 @@ def test_wgan_gp_d_loss_includes_the_weighted_penalty():
 
 # ---------------------------------------------------------------- loss values, label smoothing, clipping
 
+
 def constant_critic(real_score, fake_score):
     """Scores real (>0 inputs) and fake (<0 inputs) with fixed values."""
     return lambda x, labels=None: torch.where(x.flatten(1).mean(1) > 0, real_score, fake_score)
@@ -180,15 +188,20 @@ def test_label_smoothing_moves_the_real_target():
     r, f = torch.tensor([0.7]), torch.tensor([-0.4])
     for s in (0.0, 0.2):
         bce, _ = d_loss(LossConfig(type="bce", label_smoothing=s), D, REAL, FAKE)
-        assert bce.item() == pytest.approx((F.binary_cross_entropy_with_logits(r, torch.tensor([1 - s]))
-                                            + F.binary_cross_entropy_with_logits(f, torch.zeros(1))).item())
+        assert bce.item() == pytest.approx(
+            (
+                F.binary_cross_entropy_with_logits(r, torch.tensor([1 - s]))
+                + F.binary_cross_entropy_with_logits(f, torch.zeros(1))
+            ).item()
+        )
         ls, _ = d_loss(LossConfig(type="lsgan", label_smoothing=s), D, REAL, FAKE)
-        assert ls.item() == pytest.approx(0.5 * (0.7 - (1 - s)) ** 2 + 0.5 * 0.4 ** 2)
+        assert ls.item() == pytest.approx(0.5 * (0.7 - (1 - s)) ** 2 + 0.5 * 0.4**2)
     smoothed = d_loss(LossConfig(type="bce", label_smoothing=0.2), D, REAL, FAKE)[0]
     assert smoothed.item() != pytest.approx(d_loss(LossConfig(type="bce"), D, REAL, FAKE)[0].item())
     # One-sided: the generator's target stays 1.
     assert g_loss(LossConfig(type="bce", label_smoothing=0.2), D, FAKE)[0].item() == pytest.approx(
-        F.softplus(torch.tensor(0.4)).item())
+        F.softplus(torch.tensor(0.4)).item()
+    )
 
 
 def test_loss_values_on_known_scores():
@@ -225,19 +238,23 @@ def test_wgan_gp_refuses_a_batch_norm_critic():
     check_loss_model(LossConfig(type="wgan"), ModelConfig(d_norm="batch"))
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"type": "wgan-div"}, "loss.type"),
-    ({"n_critic": 0}, "loss.n_critic: must be >= 1"),
-    ({"label_smoothing": 1.0}, "loss.label_smoothing"),
-    ({"type": "hinge", "label_smoothing": 0.1}, "loss.label_smoothing: only bce and lsgan"),
-    ({"clip_value": 0}, "loss.clip_value"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"type": "wgan-div"}, "loss.type"),
+        ({"n_critic": 0}, "loss.n_critic: must be >= 1"),
+        ({"label_smoothing": 1.0}, "loss.label_smoothing"),
+        ({"type": "hinge", "label_smoothing": 0.1}, "loss.label_smoothing: only bce and lsgan"),
+        ({"clip_value": 0}, "loss.clip_value"),
+    ],
+)
 def test_bad_loss_config_names_the_key(data, message):
     with pytest.raises(UsageError, match=message):
         build(LossConfig, data, "x.yaml", "loss.")
 
 
 # ---------------------------------------------------------------- DiffAugment
+
 
 def test_diff_augment_empty_policy_is_identity():
     x = torch.randn(2, 1, 16, 16)

@@ -1,13 +1,26 @@
 """The metrics on real brain slices (the `sample_dataset` fixture: MNI152 in train, Colin27 in val):
 each must separate real-like sets from broken ones, in the right order. Plus the pure maths."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hpcgan.data import read_slices
-from hpcgan.metrics import METRICS, evaluate, fid, format_table, intensity, memorization, msssim, swd
-from tests.conftest import TinyExtractor
+from hpcgan.errors import UsageError
+from hpcgan.metrics import (
+    METRICS,
+    check_metric_names,
+    evaluate,
+    fid,
+    format_table,
+    intensity,
+    memorization,
+    msssim,
+    parse_metrics,
+    swd,
+)
+from conftest import TinyExtractor
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,7 +40,7 @@ def slices(sample_dataset):
 def gaussian_blur(images, sigma):
     size = int(4 * sigma) | 1
     t = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(t**2) / (2 * sigma**2))
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(1, 1, size, size)
     x = F.pad(torch.from_numpy(images), (size // 2,) * 4, mode="replicate")
@@ -59,9 +72,14 @@ def foreground(images):
 def perturbed(slices):
     train, val = slices
     rng = np.random.default_rng(1)
-    sets = {"val": val, "blur1": gaussian_blur(val, 1.0), "blur2": gaussian_blur(val, 2.0),
-            "bright1": brighten(val, 0.1), "bright3": brighten(val, 0.3),
-            "noise": rng.uniform(-1, 1, val.shape).astype(np.float32)}
+    sets = {
+        "val": val,
+        "blur1": gaussian_blur(val, 1.0),
+        "blur2": gaussian_blur(val, 2.0),
+        "bright1": brighten(val, 0.1),
+        "bright3": brighten(val, 0.3),
+        "noise": rng.uniform(-1, 1, val.shape).astype(np.float32),
+    }
     return {name: evaluate(images, train, val, metrics=("swd", "intensity")) for name, images in sets.items()}
 
 
@@ -134,14 +152,29 @@ def test_evaluate_returns_every_metric_with_direction_and_json_values(slices):
 
 
 def test_evaluate_rejects_mismatched_shapes(slices):
-    from hpcgan.errors import UsageError
-
     train, val = slices
     with pytest.raises(UsageError, match=r"generated images are \(1, 32, 32\)"):
         evaluate(train[:, :, ::2, ::2], train, val)
 
 
+def test_metric_names_checked_in_one_format(slices):
+    known = "(known: swd, msssim, intensity, memorization, fid)"
+    assert parse_metrics(" swd, fid,") == ("swd", "fid")
+    with pytest.raises(UsageError) as bad:
+        parse_metrics("swd,ssim,kid")
+    assert str(bad.value) == f"--metrics: unknown metric 'ssim' {known}"
+    with pytest.raises(UsageError, match=r"^--metrics: no metric given \(known: swd,"):
+        parse_metrics(" , ")
+    # ValueError for config dataclasses: hpcgan.config turns it into a UsageError naming the file
+    with pytest.raises(ValueError, match=r"^eval.metrics: no metric given"):
+        check_metric_names([], "eval.metrics", ValueError)
+    train, val = slices
+    with pytest.raises(UsageError, match=r"^metrics: unknown metric 'ssim' \(known: swd,"):
+        evaluate(val[:4], train, val, metrics=("swd", "ssim"))
+
+
 # --- FID: only with an offline extractor --------------------------------------------------------
+
 
 def test_fid_unavailable_without_weights_says_so(slices, monkeypatch):
     monkeypatch.setattr(fid, "packaged_weights", lambda: None)
@@ -178,9 +211,16 @@ def test_fid_and_kid_with_a_torchscript_extractor_match_a_direct_computation(sli
     # The features by hand: grey repeated to RGB, bilinear to 299 px, the extractor run eagerly.
     extractor = TinyExtractor()
     with torch.no_grad():
-        f_train, f_val = (extractor(F.interpolate(torch.from_numpy(x).repeat(1, 3, 1, 1), size=(299, 299),
-                                                  mode="bilinear", align_corners=False)).double().numpy()
-                          for x in (train, val))
+        f_train, f_val = (
+            extractor(
+                F.interpolate(
+                    torch.from_numpy(x).repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear", align_corners=False
+                )
+            )
+            .double()
+            .numpy()
+            for x in (train, val)
+        )
     assert reordered["feature_dim"] == 8
     assert reordered["value"] == pytest.approx(0, abs=1e-9 * reordered["baseline"])  # the same set, reordered
     assert reordered["baseline"] == pytest.approx(reference_fid(f_val, f_train), rel=1e-6)
@@ -190,6 +230,7 @@ def test_fid_and_kid_with_a_torchscript_extractor_match_a_direct_computation(sli
 
 
 # --- pure maths ---------------------------------------------------------------------------------
+
 
 def test_frechet_distance_of_gaussians():
     rng = np.random.default_rng(0)
@@ -246,6 +287,7 @@ def test_laplacian_pyramid_reconstructs_the_image():
 
 # --- known answers: each metric against an independent computation -----------------------------
 
+
 def reference_ssim_terms(x, y, window_size):
     """Mean SSIM and mean contrast-structure term of one (C, H, W) pair, straight from Wang et al.
     (2004): a Gaussian window (σ 1.5) visited at every position where it fits, μ = Σ w·x,
@@ -253,7 +295,7 @@ def reference_ssim_terms(x, y, window_size):
     from numpy.lib.stride_tricks import sliding_window_view
 
     t = np.arange(window_size) - (window_size - 1) / 2
-    g = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+    g = np.exp(-(t**2) / (2 * 1.5**2))
     w = np.outer(g, g) / g.sum() ** 2
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
     ssim_maps, cs_maps = [], []
@@ -264,7 +306,7 @@ def reference_ssim_terms(x, y, window_size):
         dx, dy = px - mu_x[..., None, None], py - mu_y[..., None, None]
         var_x, var_y, cov = (w * dx * dx).sum((-2, -1)), (w * dy * dy).sum((-2, -1)), (w * dx * dy).sum((-2, -1))
         cs = (2 * cov + c2) / (var_x + var_y + c2)
-        ssim_maps.append((2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs)
+        ssim_maps.append((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs)
         cs_maps.append(cs)
     return np.mean(ssim_maps), np.mean(cs_maps)
 
@@ -281,7 +323,7 @@ def reference_ms_ssim(x, y, window_size, scales):
         ssim_value, cs = reference_ssim_terms(x, y, window_size)
         result *= max(ssim_value if s == scales - 1 else cs, 0.0) ** weights[s]
         c, h, w = x.shape
-        x, y = (v[:, :h // 2 * 2, :w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).mean((2, 4)) for v in (x, y))
+        x, y = (v[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).mean((2, 4)) for v in (x, y))
     return result
 
 
@@ -363,8 +405,10 @@ def test_sliced_wasserstein_of_a_translated_set_has_its_closed_form():
     v *= 0.5 / np.linalg.norm(v)
     moved = (points + v).astype(np.float32)
     all_dirs = np.concatenate([swd.directions(dim, 0, 0, r) for r in range(swd.DIR_REPEATS)], axis=1)
-    measured = [swd.sliced_wasserstein(swd.sorted_projections(moved, d), swd.sorted_projections(points, d))
-                for d in np.split(all_dirs, swd.DIR_REPEATS, axis=1)]
+    measured = [
+        swd.sliced_wasserstein(swd.sorted_projections(moved, d), swd.sorted_projections(points, d))
+        for d in np.split(all_dirs, swd.DIR_REPEATS, axis=1)
+    ]
     assert np.mean(measured) == pytest.approx(mean_abs_projection(v, all_dirs), rel=1e-4)
     closed_form = 0.5 * np.exp(gammaln(dim / 2) - gammaln((dim + 1) / 2)) / np.sqrt(np.pi)
     # 512 directions: the sample mean of |θ·v| is within ~3% (1 standard error) of its expectation.

@@ -9,6 +9,7 @@ test forces Open MPI's TCP transport (OMPI_MCA_btl=tcp,self) to say exactly whic
 between ranks on different nodes Open MPI never picks its shared-memory BTL anyway, because PMIx
 reports them on different hosts (the default-transport case checks that too).
 """
+
 import json
 import os
 import re
@@ -58,8 +59,9 @@ def cluster(report_figure):
 
 def srun(cluster, *cmd, env=None, timeout=120):
     """`srun --mpi=pmix CMD` from the hub (the cluster's login node); its CompletedProcess."""
-    return run_cmd(cluster.client_cmd(["srun", "--mpi=pmix", *cmd]), env=cluster.client_env(mpi_env(env)),
-                   timeout=timeout)
+    return run_cmd(
+        cluster.client_cmd(["srun", "--mpi=pmix", *cmd]), env=cluster.client_env(mpi_env(env)), timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("btl", ["tcp,self", None], ids=["btl=tcp", "default-btl"])
@@ -72,8 +74,10 @@ def test_allreduce_between_nodes_goes_over_their_link(cluster, btl, report_figur
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["hosts"] == ["node1", "node2"] and report["correct"], report
-    report_figure(f"btl={btl or 'default'}: 16 MiB allreduce node1<->node2 in {report['seconds'] * 1e3:.1f} ms "
-          f"(8 B: {report['small_seconds'] * 1e6:.0f} us); node1's link carried {moved / 1e6:.1f} MB")
+    report_figure(
+        f"btl={btl or 'default'}: 16 MiB allreduce node1<->node2 in {report['seconds'] * 1e3:.1f} ms "
+        f"(8 B: {report['small_seconds'] * 1e6:.0f} us); node1's link carried {moved / 1e6:.1f} MB"
+    )
     assert moved >= report["bytes"], (moved, report)
 
 
@@ -81,19 +85,30 @@ def test_doctor_names_both_hosts_of_a_cross_node_allreduce(cluster):
     result = srun(cluster, "-N2", "-n2", *hpcgan_cmd("doctor"))
     assert result.returncode == 0, result.stdout + result.stderr
     world = next(line for line in result.stdout.splitlines() if " world " in line)
-    assert world.startswith("ok") and "allreduce sum 3 (expected 3) across 2 host(s) (node1: ranks 0; node2: ranks 1)" \
-        in world and "SLURM_NTASKS=2" in world, result.stdout
+    assert (
+        world.startswith("ok")
+        and "allreduce sum 3 (expected 3) across 2 host(s) (node1: ranks 0; node2: ranks 1)" in world
+        and "SLURM_NTASKS=2" in world
+    ), result.stdout
 
 
 # --- the pipeline across nodes; the first run's dataset is shared by the tests after it ------------------
+
 
 @pytest.fixture(scope="module")
 def horovod_pipeline(cluster, sample_data, tmp_path_factory):
     """slurm/pipeline.sh with HPCGAN_NODES=2 and one task per node (Horovod): every step to COMPLETED."""
     work = tmp_path_factory.mktemp("pipeline-2x1")
-    jobs = submit_pipeline(cluster, work, HPCGAN_NODES=2, HPCGAN_TASKS_PER_NODE=1, HPCGAN_INPUT=sample_data,
-                           HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS, HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
-                           HPCGAN_SAMPLE_ARGS=SAMPLE_ARGS)
+    jobs = submit_pipeline(
+        cluster,
+        work,
+        HPCGAN_NODES=2,
+        HPCGAN_TASKS_PER_NODE=1,
+        HPCGAN_INPUT=sample_data,
+        HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS,
+        HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
+        HPCGAN_SAMPLE_ARGS=SAMPLE_ARGS,
+    )
     for step in ("preprocess", "train", "sample", "evaluate"):
         wait_ok(cluster, jobs[step], work, 300)
     return work, jobs
@@ -120,9 +135,16 @@ def test_pipeline_on_two_nodes_one_task_each_horovod(cluster, horovod_pipeline):
 
 def test_pipeline_on_two_nodes_two_tasks_each_torch(cluster, horovod_pipeline, tmp_path):
     dataset = horovod_pipeline[0] / "data" / "dataset"
-    jobs = submit_pipeline(cluster, tmp_path, "--no-preprocess", HPCGAN_NODES=2, HPCGAN_TASKS_PER_NODE=2,
-                           HPCGAN_DATA=dataset, HPCGAN_TRAIN_ARGS=f"{TRAIN_ARGS} --backend torch",
-                           HPCGAN_SAMPLE_ARGS=SAMPLE_ARGS)
+    jobs = submit_pipeline(
+        cluster,
+        tmp_path,
+        "--no-preprocess",
+        HPCGAN_NODES=2,
+        HPCGAN_TASKS_PER_NODE=2,
+        HPCGAN_DATA=dataset,
+        HPCGAN_TRAIN_ARGS=f"{TRAIN_ARGS} --backend torch",
+        HPCGAN_SAMPLE_ARGS=SAMPLE_ARGS,
+    )
     for step in ("train", "sample", "evaluate"):
         wait_ok(cluster, jobs[step], tmp_path, 300)
     assert_pipeline_ran(cluster, tmp_path, jobs, world_size=4)
@@ -138,14 +160,18 @@ PURE_TRAINING = [*PURE, "loss.type=hinge", "train.ema_decay=0"]
 def one_process_run(horovod_pipeline, tmp_path_factory) -> Path:
     """4 steps of one process with batch 8 on the pipeline's dataset (outside Slurm)."""
     run = tmp_path_factory.mktemp("one-process") / "run"
-    run_hpcgan(*train_args(horovod_pipeline[0] / "data" / "dataset", run, 4, *PURE_TRAINING, "train.batch_size=8"),
-               check=True, timeout=240)
+    run_hpcgan(
+        *train_args(horovod_pipeline[0] / "data" / "dataset", run, 4, *PURE_TRAINING, "train.batch_size=8"),
+        check=True,
+        timeout=240,
+    )
     return run
 
 
 @pytest.mark.parametrize("backend", ["horovod", "torch"])
-def test_two_nodes_equal_one_process_with_twice_the_batch(cluster, horovod_pipeline, one_process_run, tmp_path,
-                                                          backend):
+def test_two_nodes_equal_one_process_with_twice_the_batch(
+    cluster, horovod_pipeline, one_process_run, tmp_path, backend
+):
     """node1 and node2 with batch 4 each give the weights and optimizer state of one process with
     batch 8, to float tolerance."""
     dataset = horovod_pipeline[0] / "data" / "dataset"
@@ -157,14 +183,24 @@ def test_two_nodes_equal_one_process_with_twice_the_batch(cluster, horovod_pipel
 
 # --- bad input: one line, exit 2 ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("variables, needle", [
-    ({"HPCGAN_NODES": 3, "HPCGAN_TASKS_PER_NODE": 1}, "sbatch refused the preprocess job (HPCGAN_NODES=3): Batch "
-                                                      "job submission failed: Node count specification invalid"),
-    ({"HPCGAN_NODES": 2, "HPCGAN_NODELIST": "node1,node9"}, "sbatch refused the preprocess job (HPCGAN_NODES=2 "
-                                                            "HPCGAN_NODELIST=node1,node9): Batch job submission failed: "
-                                                            "Invalid node name specified"),
-    ({"HPCGAN_NODES": "two"}, "HPCGAN_NODES=two: expected a whole number >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "variables, needle",
+    [
+        (
+            {"HPCGAN_NODES": 3, "HPCGAN_TASKS_PER_NODE": 1},
+            "sbatch refused the preprocess job (HPCGAN_NODES=3): Batch "
+            "job submission failed: Node count specification invalid",
+        ),
+        (
+            {"HPCGAN_NODES": 2, "HPCGAN_NODELIST": "node1,node9"},
+            "sbatch refused the preprocess job (HPCGAN_NODES=2 "
+            "HPCGAN_NODELIST=node1,node9): Batch job submission failed: "
+            "Invalid node name specified",
+        ),
+        ({"HPCGAN_NODES": "two"}, "HPCGAN_NODES=two: expected a whole number >= 1"),
+    ],
+)
 def test_pipeline_refuses_nodes_the_cluster_does_not_have(cluster, tmp_path, variables, needle):
     env = cluster.client_env(job_env(tmp_path, **variables))
     result = run_cmd(cluster.client_cmd(["bash", PIPELINE]), env=env, cwd=tmp_path, timeout=60)
@@ -179,21 +215,35 @@ def test_train_job_with_fewer_nodes_than_hpcgan_nodes_fails_with_one_line(cluste
     [info] = cluster.wait(job, 60)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), logs_of(tmp_path)
     log = (tmp_path / "logs" / f"hpcgan-train-{job}.out").read_text()
-    assert re.search(rf"^hpcgan slurm: error: HPCGAN_NODES=2 but job {job} has 1 node\(s\) \(node[12]\): submit it "
-                     r"with sbatch --nodes=2 \(slurm/pipeline.sh does\)$", log, re.M), log
+    assert re.search(
+        rf"^hpcgan slurm: error: HPCGAN_NODES=2 but job {job} has 1 node\(s\) \(node[12]\): submit it "
+        r"with sbatch --nodes=2 \(slurm/pipeline.sh does\)$",
+        log,
+        re.M,
+    ), log
     assert not (tmp_path / "run").exists()
 
 
 # --- faults across nodes ---------------------------------------------------------------------------------
 
+
 def lost_nodes_seen_from_node1(cluster, work: Path):
     """slurm/common.sh's hpcgan_lost_nodes as the batch script of a 2-node job (1 rank per node) on
     node1 runs it after a failed step."""
-    job = {"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
-           "SLURM_TASKS_PER_NODE": "1(x2)", "HPCGAN_ROOT": str(REPO), "HPCGAN_LOGS": str(work / "logs")}
+    job = {
+        "SLURM_JOB_ID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_TASKS_PER_NODE": "1(x2)",
+        "HPCGAN_ROOT": str(REPO),
+        "HPCGAN_LOGS": str(work / "logs"),
+    }
     script = 'source "$HPCGAN_ROOT/slurm/common.sh" && hpcgan_lost_nodes'
-    return run_cmd(cluster.in_namespace(cluster.node_ns["node1"], "node1", ["bash", "-c", script]),
-                   env=dict(cluster.env, **job), timeout=30)
+    return run_cmd(
+        cluster.in_namespace(cluster.node_ns["node1"], "node1", ["bash", "-c", script]),
+        env=dict(cluster.env, **job),
+        timeout=30,
+    )
 
 
 FAULT_TRAIN_ARGS = ["--set", "train.batch_size=4", "--set", "checkpoint.every_steps=2", "--set", "log.every_steps=1"]
@@ -203,8 +253,18 @@ def train_on_two_nodes(cluster, work: Path, dataset: Path, steps: int, *options)
     """train.sbatch on node1 and node2 (one Horovod rank each) into WORK/run; its job id, once the
     first checkpoint shows that training is under way on both nodes."""
     run = work / "run"
-    job = sbatch(cluster, work, "train.sbatch", "--set", f"train.steps={steps}", *FAULT_TRAIN_ARGS, HPCGAN_NODES=2,
-                 options=("--nodes=2", "--ntasks-per-node=1", *options), HPCGAN_DATA=dataset, HPCGAN_RUN=run)
+    job = sbatch(
+        cluster,
+        work,
+        "train.sbatch",
+        "--set",
+        f"train.steps={steps}",
+        *FAULT_TRAIN_ARGS,
+        HPCGAN_NODES=2,
+        options=("--nodes=2", "--ntasks-per-node=1", *options),
+        HPCGAN_DATA=dataset,
+        HPCGAN_RUN=run,
+    )
     deadline = time.monotonic() + 180
     while not any((run / "checkpoints").glob("ckpt-*.pt")):
         [info] = cluster.jobs(job)
@@ -230,8 +290,9 @@ def fault_during_training(cluster, work: Path, dataset: Path, fault) -> tuple[di
     return info, steps_done, time.monotonic() - fault_at
 
 
-def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(cluster, horovod_pipeline, tmp_path,
-                                                                    report_figure):
+def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(
+    cluster, horovod_pipeline, tmp_path, report_figure
+):
     """Every process of node2 (slurmd, slurmstepd, its rank) killed during a 2-node Horovod training: the
     job ends within 60 s, not COMPLETED, its log naming node2; the same script on node1 alone
     (--resume auto, a world of 1) continues from the newest checkpoint, whose index is intact.
@@ -259,12 +320,23 @@ def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(cluster, ho
     assert lost.returncode == 0 and lost.stderr.startswith(lost_message) and "node1" not in lost.stderr, lost
     saved = load_checkpoint(find_latest_valid(run / "checkpoints"))
     assert saved["world_size"] == 2
-    report_figure(f"node2 killed at step {steps_done}: job {info['JobState']} ({info['ExitCode']}) {time_to_exit:.1f} s "
-          f"later; newest checkpoint: step {saved['step']} ({steps_done - saved['step']} step(s) lost)")
+    report_figure(
+        f"node2 killed at step {steps_done}: job {info['JobState']} ({info['ExitCode']}) {time_to_exit:.1f} s "
+        f"later; newest checkpoint: step {saved['step']} ({steps_done - saved['step']} step(s) lost)"
+    )
 
-    resumed = sbatch(cluster, tmp_path, "train.sbatch", "--set", f"train.steps={saved['step'] + 2}", *FAULT_TRAIN_ARGS,
-                     HPCGAN_NODES=1, options=("--nodes=1", "--ntasks-per-node=1", "--nodelist=node1"),
-                     HPCGAN_DATA=dataset, HPCGAN_RUN=run)
+    resumed = sbatch(
+        cluster,
+        tmp_path,
+        "train.sbatch",
+        "--set",
+        f"train.steps={saved['step'] + 2}",
+        *FAULT_TRAIN_ARGS,
+        HPCGAN_NODES=1,
+        options=("--nodes=1", "--ntasks-per-node=1", "--nodelist=node1"),
+        HPCGAN_DATA=dataset,
+        HPCGAN_RUN=run,
+    )
     wait_ok(cluster, resumed, tmp_path, 180)
     rank0 = (tmp_path / "logs" / f"hpcgan-train-{resumed}.step0.rank0.log").read_text()
     assert f"resuming from ckpt-{saved['step']:08d}.pt (step {saved['step']})" in rank0, rank0
@@ -274,8 +346,9 @@ def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(cluster, ho
     assert (final["step"], final["world_size"]) == (saved["step"] + 2, 1)
 
 
-def test_usr1_to_a_two_node_job_checkpoints_requeues_and_resumes_on_both_nodes(cluster, horovod_pipeline, tmp_path,
-                                                                              report_figure):
+def test_usr1_to_a_two_node_job_checkpoints_requeues_and_resumes_on_both_nodes(
+    cluster, horovod_pipeline, tmp_path, report_figure
+):
     """scancel --signal=USR1 --batch to a 2-node train.sbatch job, as tests/test_slurm.py does on one
     node: the batch script (on node1) forwards it through srun to the ranks on node1 and node2, which
     checkpoint at the next step and exit 75; the job requeues itself and the same job runs again on
@@ -302,8 +375,10 @@ def test_usr1_to_a_two_node_job_checkpoints_requeues_and_resumes_on_both_nodes(c
     assert re.findall(r"resuming from ckpt-\d+\.pt \(step (\d+)\)", rank0) == [str(steps_done)], rank0
     final = load_checkpoint(find_latest_valid(run / "checkpoints"))
     assert (final["step"], final["world_size"]) == (steps, 2)
-    report_figure(f"USR1 to the 2-node job at step {steps_done}: checkpointed, exit 75 and requeued "
-                  f"{time_to_requeue:.1f} s later; resumed on node[1-2] from step {steps_done} (0 steps lost)")
+    report_figure(
+        f"USR1 to the 2-node job at step {steps_done}: checkpointed, exit 75 and requeued "
+        f"{time_to_requeue:.1f} s later; resumed on node[1-2] from step {steps_done} (0 steps lost)"
+    )
 
 
 def rank_processes(cluster, node: str) -> list[str]:
@@ -319,8 +394,9 @@ def rank_processes(cluster, node: str) -> list[str]:
     return left
 
 
-def test_network_partition_mid_training_ends_the_job_after_slurmd_timeout(cluster, horovod_pipeline, tmp_path,
-                                                                         report_figure):
+def test_network_partition_mid_training_ends_the_job_after_slurmd_timeout(
+    cluster, horovod_pipeline, tmp_path, report_figure
+):
     """node2's link taken down during a 2-node Horovod training (its processes keep running, cut off
     from node1 and slurmctld): rank 0 waits in its allreduce, no connection is reset; slurmctld
     declares node2 down after SlurmdTimeout (20 s here) and ends the job (NODE_FAIL, "Node failure on
@@ -329,8 +405,9 @@ def test_network_partition_mid_training_ends_the_job_after_slurmd_timeout(cluste
     dataset = horovod_pipeline[0] / "data" / "dataset"
     run = tmp_path / "run"
     try:
-        info, steps_done, time_to_exit = fault_during_training(cluster, tmp_path, dataset,
-                                                               lambda: cluster.cut_link("node2"))
+        info, steps_done, time_to_exit = fault_during_training(
+            cluster, tmp_path, dataset, lambda: cluster.cut_link("node2")
+        )
         time.sleep(5)
         orphans = rank_processes(cluster, "node2")
     finally:
@@ -344,10 +421,12 @@ def test_network_partition_mid_training_ends_the_job_after_slurmd_timeout(cluste
     assert info["JobState"] == "NODE_FAIL" and "srun: error: Node failure on node2" in log, (info, log)
     assert time_to_exit < 60, (time_to_exit, log)
     saved = load_checkpoint(find_latest_valid(run / "checkpoints"))
-    report_figure(f"node2's link cut at step {steps_done}: job {info['JobState']} ({info['ExitCode']}) "
-                  f"{time_to_exit:.1f} s later; newest checkpoint: step {saved['step']} "
-                  f"({steps_done - saved['step']} step(s) lost); hpcgan processes still running on node2 5 s "
-                  f"after the job ended: {len(orphans)}")
+    report_figure(
+        f"node2's link cut at step {steps_done}: job {info['JobState']} ({info['ExitCode']}) "
+        f"{time_to_exit:.1f} s later; newest checkpoint: step {saved['step']} "
+        f"({steps_done - saved['step']} step(s) lost); hpcgan processes still running on node2 5 s "
+        f"after the job ended: {len(orphans)}"
+    )
 
 
 def signal_each(pids, signum):
@@ -358,8 +437,9 @@ def signal_each(pids, signum):
             pass
 
 
-def test_rank0_node_dies_during_a_checkpoint_write_resume_uses_the_previous_one(cluster, horovod_pipeline, tmp_path,
-                                                                               report_figure):
+def test_rank0_node_dies_during_a_checkpoint_write_resume_uses_the_previous_one(
+    cluster, horovod_pipeline, tmp_path, report_figure
+):
     """node1 (rank 0, the coordinator that writes checkpoints) dies while a checkpoint is half written:
     every process of node1 is stopped (SIGSTOP) the moment a checkpoint temp file appears, and killed
     if the temp file is still there (else they go on until the next write). The job ends; the
@@ -397,13 +477,24 @@ def test_rank0_node_dies_during_a_checkpoint_write_resume_uses_the_previous_one(
     written = re.search(r"ckpt-\d+\.pt", temps[0])[0]
     assert previous["file"] < written  # zero-padded step numbers
     assert find_latest_valid(checkpoints).name == previous["file"]
-    report_figure(f"node1 (rank 0) killed while writing {written} at step {steps_done}: job "
-                  f"{info['JobState']} {time_to_exit:.1f} s later; newest valid checkpoint: step {previous['step']} "
-                  f"({steps_done - previous['step']} step(s) lost)")
+    report_figure(
+        f"node1 (rank 0) killed while writing {written} at step {steps_done}: job "
+        f"{info['JobState']} {time_to_exit:.1f} s later; newest valid checkpoint: step {previous['step']} "
+        f"({steps_done - previous['step']} step(s) lost)"
+    )
 
-    resumed = sbatch(cluster, tmp_path, "train.sbatch", "--set", f"train.steps={previous['step'] + 2}",
-                     *FAULT_TRAIN_ARGS, HPCGAN_NODES=1, HPCGAN_DATA=dataset, HPCGAN_RUN=tmp_path / "run",
-                     options=("--nodes=1", "--ntasks-per-node=1", "--nodelist=node2"))
+    resumed = sbatch(
+        cluster,
+        tmp_path,
+        "train.sbatch",
+        "--set",
+        f"train.steps={previous['step'] + 2}",
+        *FAULT_TRAIN_ARGS,
+        HPCGAN_NODES=1,
+        HPCGAN_DATA=dataset,
+        HPCGAN_RUN=tmp_path / "run",
+        options=("--nodes=1", "--ntasks-per-node=1", "--nodelist=node2"),
+    )
     wait_ok(cluster, resumed, tmp_path, 180)
     rank0 = (tmp_path / "logs" / f"hpcgan-train-{resumed}.step0.rank0.log").read_text()
     assert f"resuming from {previous['file']} (step {previous['step']})" in rank0, rank0

@@ -1,4 +1,5 @@
 """Generator/discriminator families and the study's networks (hpcgan/networks.py)."""
+
 import time
 from pathlib import Path
 
@@ -10,8 +11,7 @@ from torch import nn
 from hpcgan.config import build
 from hpcgan.errors import UsageError
 from hpcgan.losses import LossConfig, check_loss_model, d_loss, g_loss
-from hpcgan.networks import (InputNoise, ModelConfig, build_discriminator, build_generator,
-                             has_batch_norm)
+from hpcgan.networks import InputNoise, ModelConfig, build_discriminator, build_generator, eval_mode, has_batch_norm
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,8 +28,11 @@ def tiny(**kw):
 
 def layer_shapes(module):
     """(kind, weight shape) of every conv/linear in order: the layout a paper's table prints."""
-    return [(type(m).__name__, tuple(m.weight.shape)) for m in module.modules()
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    return [
+        (type(m).__name__, tuple(m.weight.shape))
+        for m in module.modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
 
 
 def check_shapes(cfg, n):
@@ -47,16 +50,29 @@ def check_shapes(cfg, n):
 @pytest.mark.parametrize("arch", ["dcgan", "cepa2023"])
 @pytest.mark.parametrize("resolution", [32, 64, 128, 256, 512])
 def test_shapes_every_resolution(resolution, arch):
-    check_shapes(tiny(resolution=resolution, arch=arch, channels=3, max_width=8 if resolution > 128 else 16),
-                 n=1 if resolution == 512 else 2)
+    check_shapes(
+        tiny(resolution=resolution, arch=arch, channels=3, max_width=8 if resolution > 128 else 16),
+        n=1 if resolution == 512 else 2,
+    )
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 @pytest.mark.parametrize("upsample", ["deconv", "resize"])
 @pytest.mark.parametrize("norm", ["batch", "instance", "layer", "none"])
 def test_shapes_every_option(norm, upsample, num_classes):
-    check_shapes(tiny(g_norm=norm, d_norm=norm, upsample=upsample, num_classes=num_classes,
-                      g_dropout=0.1, d_dropout=0.1, d_input_noise=0.1, g_activation="leaky_relu"), n=2)
+    check_shapes(
+        tiny(
+            g_norm=norm,
+            d_norm=norm,
+            upsample=upsample,
+            num_classes=num_classes,
+            g_dropout=0.1,
+            d_dropout=0.1,
+            d_input_noise=0.1,
+            g_activation="leaky_relu",
+        ),
+        n=2,
+    )
 
 
 def test_conditional_labels_change_outputs():
@@ -76,15 +92,24 @@ def test_cepa2023_matches_paper_tables():
     G, D = build_generator(cfg), build_discriminator(cfg)
     assert layer_shapes(G) == [
         ("Linear", (16384, 128)),  # FC 128 -> 16384 = 1024 x 4 x 4
-        ("ConvTranspose2d", (1024, 512, 4, 4)), ("ConvTranspose2d", (512, 256, 4, 4)),
-        ("ConvTranspose2d", (256, 128, 4, 4)), ("ConvTranspose2d", (128, 64, 4, 4)),
-        ("ConvTranspose2d", (64, 32, 4, 4)), ("ConvTranspose2d", (32, 3, 4, 4)),
+        ("ConvTranspose2d", (1024, 512, 4, 4)),
+        ("ConvTranspose2d", (512, 256, 4, 4)),
+        ("ConvTranspose2d", (256, 128, 4, 4)),
+        ("ConvTranspose2d", (128, 64, 4, 4)),
+        ("ConvTranspose2d", (64, 32, 4, 4)),
+        ("ConvTranspose2d", (32, 3, 4, 4)),
         ("ConvTranspose2d", (3, 3, 3, 3)),  # the 3x3 head before tanh
     ]
     assert layer_shapes(D) == [
-        ("Conv2d", (32, 3, 4, 4)), ("Conv2d", (64, 32, 4, 4)), ("Conv2d", (128, 64, 4, 4)),
-        ("Conv2d", (156, 128, 4, 4)), ("Conv2d", (156, 156, 3, 3)), ("Conv2d", (512, 156, 4, 4)),
-        ("Conv2d", (512, 512, 3, 3)), ("Conv2d", (1024, 512, 4, 4)), ("Conv2d", (1024, 1024, 3, 3)),
+        ("Conv2d", (32, 3, 4, 4)),
+        ("Conv2d", (64, 32, 4, 4)),
+        ("Conv2d", (128, 64, 4, 4)),
+        ("Conv2d", (156, 128, 4, 4)),
+        ("Conv2d", (156, 156, 3, 3)),
+        ("Conv2d", (512, 156, 4, 4)),
+        ("Conv2d", (512, 512, 3, 3)),
+        ("Conv2d", (1024, 512, 4, 4)),
+        ("Conv2d", (1024, 1024, 3, 3)),
         ("Linear", (1, 1024 * 4 * 4)),
     ]
     count = lambda net, kind: sum(isinstance(m, kind) for m in net.modules())  # noqa: E731
@@ -130,6 +155,7 @@ def test_d_input_noise_only_in_training():
 
 def test_spectral_norm_on_every_discriminator_layer():
     from torch.nn.utils.parametrize import is_parametrized
+
     D = build_discriminator(tiny(d_norm="none", spectral_norm=True, num_classes=2))
     layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
     assert len(layers) == 6 and all(is_parametrized(m, "weight") for m in layers)
@@ -157,8 +183,9 @@ def test_resize_upsampling_has_no_checkerboard(arch):
     fractions = {}
     for upsample in ("deconv", "resize"):
         torch.manual_seed(0)
-        G = build_generator(ModelConfig(resolution=64, g_base_width=16, max_width=64, upsample=upsample,
-                                        arch=arch)).eval()
+        G = build_generator(
+            ModelConfig(resolution=64, g_base_width=16, max_width=64, upsample=upsample, arch=arch)
+        ).eval()
         with torch.no_grad():
             fractions[upsample] = checkerboard_fraction(G(torch.randn(8, 128)))
     assert fractions["deconv"] > 0.01
@@ -181,21 +208,43 @@ def test_shipped_configs_are_valid(name):
     check_loss_model(loss, model)
 
 
+def test_eval_mode_restores_each_training_flag():
+    G = build_generator(tiny())  # batch norm: training mode updates running stats, eval mode does not
+    frozen = next(m for m in G.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    z = torch.randn(4, 8)
+    with eval_mode(G):
+        assert not any(m.training for m in G.modules())
+        stats = [b.clone() for b in G.buffers()]
+        G(z)
+        assert all(torch.equal(a, b) for a, b in zip(stats, G.buffers()))
+    assert G.training and not frozen.training  # a submodule already in eval mode stays there
+    with pytest.raises(RuntimeError), eval_mode(G):
+        raise RuntimeError("sampling failed")
+    assert [m.training for m in G.modules()] == [m is not frozen for m in G.modules()]
+    G.eval()
+    with eval_mode(G):
+        pass
+    assert not any(m.training for m in G.modules())  # an eval-mode model is not switched to training
+
+
 def test_has_batch_norm():
     assert has_batch_norm(build_discriminator(tiny(d_norm="batch")))
     assert not has_batch_norm(build_discriminator(tiny(d_norm="layer")))
     assert has_batch_norm(build_generator(tiny()))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("resolution", 48, "model.resolution: must be a power of two"),
-    ("resolution", 1024, "model.resolution"),
-    ("g_norm", "group", "model.g_norm"),
-    ("g_channels", [64, 32], "model.g_channels: arch dcgan at resolution 64 needs 4 widths"),
-    ("d_channels", [8, 16, 32], "model.d_channels"),
-    ("d_strides", [2, 2, 1, 2], "model.d_strides: resolution 64 needs 4 stride-2 convs"),
-    ("g_dropout", 1.0, "model.g_dropout"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("resolution", 48, "model.resolution: must be a power of two"),
+        ("resolution", 1024, "model.resolution"),
+        ("g_norm", "group", "model.g_norm"),
+        ("g_channels", [64, 32], "model.g_channels: arch dcgan at resolution 64 needs 4 widths"),
+        ("d_channels", [8, 16, 32], "model.d_channels"),
+        ("d_strides", [2, 2, 1, 2], "model.d_strides: resolution 64 needs 4 stride-2 convs"),
+        ("g_dropout", 1.0, "model.g_dropout"),
+    ],
+)
 def test_bad_model_config_names_the_key(key, value, message):
     with pytest.raises(UsageError, match=message) as info:
         build(ModelConfig, {key: value}, "x.yaml", "model.")
@@ -236,6 +285,7 @@ def test_wgan_gp_64_steps_fast_on_one_core():
 def test_cuda_step_under_autocast(name):
     """Devices follow the input: a full D and G step on CUDA under bf16 autocast, with DiffAugment."""
     from hpcgan.augment import diff_augment
+
     cfg, loss = shipped(name)
     device = torch.device("cuda")
     G, D = build_generator(cfg).to(device), build_discriminator(cfg).to(device)

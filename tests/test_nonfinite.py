@@ -2,6 +2,7 @@
 every rank together (exit 65, one line naming the step, the loss and the rank, no non-finite checkpoint),
 or with train.nonfinite=rollback reloads the newest checkpoint and goes on with the next data, at most
 train.max_rollbacks times."""
+
 import json
 import shutil
 
@@ -16,7 +17,8 @@ from hpcgan.data import RankSampler, SliceDataset
 from hpcgan.errors import UsageError
 from hpcgan.io import sha256_file
 from hpcgan.train import load_train_config
-from hpcgan.training_loop import EXIT_NONFINITE, MIN_FP16_SCALE, nonfinite_reason
+from hpcgan.training.loop import EXIT_NONFINITE
+from hpcgan.training.steps import MIN_FP16_SCALE, nonfinite_reason
 from test_train import train_args
 
 WORLD, BATCH = 2, 4  # 48 training slices: 6 global batches per epoch
@@ -57,12 +59,14 @@ def assert_finite_checkpoints(run):
 
 def metrics_lines(run):
     # json.loads accepts NaN; parse_constant turns it into an error so a non-finite loss line fails here.
-    return [json.loads(l, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
-            for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def error_lines(stderr, needle):
-    return [l for l in stderr.splitlines() if needle in l]
+    return [line for line in stderr.splitlines() if needle in line]
 
 
 # --- the check itself ---------------------------------------------------------------------------------
@@ -99,10 +103,13 @@ def test_fp16_scaler_overflowing_step_after_step_counts_as_nonfinite():
     assert kind == "weights" and "fp16 gradient scale of D" in text
 
 
-@pytest.mark.parametrize("sets, needle", [
-    (["train.nonfinite=skip"], "'train.nonfinite' must be one of stop, rollback"),
-    (["train.max_rollbacks=-1"], "train.max_rollbacks: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["train.nonfinite=skip"], "'train.nonfinite' must be one of stop, rollback"),
+        (["train.max_rollbacks=-1"], "train.max_rollbacks: must be >= 0"),
+    ],
+)
 def test_bad_nonfinite_config_is_a_usage_error(sets, needle):
     with pytest.raises(UsageError, match=needle):
         load_train_config("wgan-gp-64", sets)
@@ -115,17 +122,23 @@ def test_bad_nonfinite_config_is_a_usage_error(sets, needle):
 def test_nan_on_one_rank_stops_every_rank(sample_dataset, tmp_path):
     dataset = poisoned_copy(sample_dataset, tmp_path, batches=[2])  # rank 1's data of step 3
     run = tmp_path / "run"
-    result = run_hpcgan_mpi(WORLD, *train_args(dataset, run, 6, "checkpoint.every_steps=2", "checkpoint.keep=10"),
-                            "--backend", "horovod", timeout=240)
+    result = run_hpcgan_mpi(
+        WORLD,
+        *train_args(dataset, run, 6, "checkpoint.every_steps=2", "checkpoint.keep=10"),
+        "--backend",
+        "horovod",
+        timeout=240,
+    )
     assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]
     lines = error_lines(result.stderr, "step 3:")
-    assert len(lines) == 1 and "loss_d is nan on rank 1" in lines[0] and f"exit {EXIT_NONFINITE}" in lines[0], \
+    assert len(lines) == 1 and "loss_d is nan on rank 1" in lines[0] and f"exit {EXIT_NONFINITE}" in lines[0], (
         result.stderr[-3000:]
+    )
     assert "Traceback" not in result.stderr and "run finished" not in result.stderr
     # Step 2's checkpoint is all there is: step 3's weights (NaN on every rank) were never written.
     assert [e["step"] for e in assert_finite_checkpoints(run)] == [2] and checkpoint_steps(run) == [2]
     assert (run / "checkpoints" / "latest").read_text().strip() == "ckpt-00000002.pt"
-    assert [l["step"] for l in metrics_lines(run)] == [1, 2]
+    assert [line["step"] for line in metrics_lines(run)] == [1, 2]
 
 
 # --- rollback -----------------------------------------------------------------------------------------------
@@ -138,12 +151,31 @@ def test_rollback_continues_with_the_next_data_then_gives_up(sample_dataset, tmp
     rollback left and every rank stops. On torch.distributed (the stop test above runs on Horovod)."""
     dataset = poisoned_copy(sample_dataset, tmp_path, batches=[2, 4])
     run = tmp_path / "run"
-    result = run_hpcgan_mpi(WORLD, *train_args(dataset, run, 6, "checkpoint.every_steps=1", "checkpoint.keep=10",
-                                               "train.nonfinite=rollback", "train.max_rollbacks=1"),
-                            "--backend", "torch", timeout=240)
+    result = run_hpcgan_mpi(
+        WORLD,
+        *train_args(
+            dataset,
+            run,
+            6,
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=10",
+            "train.nonfinite=rollback",
+            "train.max_rollbacks=1",
+        ),
+        "--backend",
+        "torch",
+        timeout=240,
+    )
     assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]
-    assert len(error_lines(result.stderr, "step 3: loss_d is nan on rank 1: rolling back to the newest checkpoint "
-                                          "(rollback 1 of 1)")) == 1, result.stderr[-3000:]
+    assert (
+        len(
+            error_lines(
+                result.stderr,
+                "step 3: loss_d is nan on rank 1: rolling back to the newest checkpoint (rollback 1 of 1)",
+            )
+        )
+        == 1
+    ), result.stderr[-3000:]
     assert len(error_lines(result.stderr, "rollback 1: back to ckpt-00000002.pt (step 2) after step 3")) == 1
     gave_up = error_lines(result.stderr, "step 4: loss_d is nan on rank 1")
     assert len(gave_up) == 1 and "giving up after 1 rollback" in gave_up[0], result.stderr[-3000:]
@@ -154,8 +186,8 @@ def test_rollback_continues_with_the_next_data_then_gives_up(sample_dataset, tmp
     # Three steps on four batches: the poisoned batch 2 was skipped, not replayed; the latents moved on.
     assert (after["step"], after["batch_in_epoch"], after["rollbacks"]) == (3, 4, 1)
     lines = metrics_lines(run)
-    assert [l["step"] for l in lines if "loss_d" in l] == [1, 2, 3]  # the abandoned step 3 is gone
-    assert [l["rollback"] for l in lines if "rollback" in l] == [{"count": 1, "failed_step": 3}]
+    assert [line["step"] for line in lines if "loss_d" in line] == [1, 2, 3]  # the abandoned step 3 is gone
+    assert [line["rollback"] for line in lines if "rollback" in line] == [{"count": 1, "failed_step": 3}]
 
 
 def test_rollback_without_a_checkpoint_stops(sample_dataset, tmp_path):

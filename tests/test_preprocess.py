@@ -1,5 +1,6 @@
 """`hpcgan preprocess` and `hpcgan info` on real brain MRI (the sample_data fixture): geometry,
 intensities, splits, resume, de-identification, 1 vs 2 ranks, and every kind of bad input."""
+
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ def test_preprocess_writes_shards_and_manifest(sample_data, tmp_path):
     assert manifest["modalities"] == ["t1"] and manifest["has_masks"] is True
     # One field of view for the dataset: the larger subject (MNI, 233 mm) sets it.
     assert manifest["pixel_spacing_mm"] == [233.0 / 64] * 2 and manifest["slice_thickness_mm"] == 1.0
-    assert manifest["intensity"]["norm"] == "percentile" and 0 < manifest["intensity"]["lo"] < manifest["intensity"]["hi"]
+    assert (
+        manifest["intensity"]["norm"] == "percentile" and 0 < manifest["intensity"]["lo"] < manifest["intensity"]["hi"]
+    )
     assert manifest["splits"]["train"] == {"slices": 8, "subjects": 2, "shards": [s.name for s in shards(out)]}
     assert [s.name for s in shards(out)] == ["train-00000-of-00002.h5", "train-00001-of-00002.h5"]
     for shard in manifest["shards"]:
@@ -87,9 +90,25 @@ def test_preprocess_writes_shards_and_manifest(sample_data, tmp_path):
 def test_help_lists_every_option():
     result = run_hpcgan("preprocess", "--help")
     assert result.returncode == 0
-    for flag in ("--modalities", "--mask", "--slices", "--min-brain-fraction", "--size", "--channels", "--norm",
-                 "--shards", "--val-fraction", "--seed", "--dtype", "--compression", "--pseudonymize",
-                 "--skip-bad", "--overwrite", "--volume-index", "--config"):
+    for flag in (
+        "--modalities",
+        "--mask",
+        "--slices",
+        "--min-brain-fraction",
+        "--size",
+        "--channels",
+        "--norm",
+        "--shards",
+        "--val-fraction",
+        "--seed",
+        "--dtype",
+        "--compression",
+        "--pseudonymize",
+        "--skip-bad",
+        "--overwrite",
+        "--volume-index",
+        "--config",
+    ):
         assert flag in result.stdout
 
 
@@ -134,8 +153,11 @@ def test_channels_modalities_dtype_and_compression(sample_data, tmp_path):
     ref = tmp_path / "ref"
     assert preprocess(inp, ref, *SMALL, "--val-fraction", "0").returncode == 0
     t1 = read_shard(shards(ref)[0])["images"].astype(np.float32)
-    runs = {"two": ("--modalities", "t1,gm"), "rgb": ("--channels", "3"),
-            "u8": ("--dtype", "uint8", "--compression", "gzip")}
+    runs = {
+        "two": ("--modalities", "t1,gm"),
+        "rgb": ("--channels", "3"),
+        "u8": ("--dtype", "uint8", "--compression", "gzip"),
+    }
     for name, extra in runs.items():
         result = preprocess(inp, tmp_path / name, *SMALL, "--val-fraction", "0", *extra)
         assert result.returncode == 0, result.stderr
@@ -201,17 +223,21 @@ def test_shards_are_balanced_over_ranks_and_their_content_does_not_depend_on_ran
 
 def test_config_file_with_flags_overriding(sample_data, tmp_path):
     config = tmp_path / "pre.yaml"
-    config.write_text(f"input: {sample_data}\noutput: {tmp_path / 'ds'}\nsize: 64\nslices: '80:82'\n"
-                      "min-brain-fraction: 0\nval_fraction: 0\n")
+    config.write_text(
+        f"input: {sample_data}\noutput: {tmp_path / 'ds'}\nsize: 64\nslices: '80:82'\n"
+        "min-brain-fraction: 0\nval_fraction: 0\n"
+    )
     assert run_hpcgan("preprocess", "--config", config, "--size", "32").returncode == 0
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["image_shape"] == [1, 32, 32] and manifest["splits"]["train"]["slices"] == 4
     config.write_text("input: x\noutput: y\nsise: 64\n")
     result = run_hpcgan("preprocess", "--config", config)
     assert result.returncode == 2 and "unknown key 'sise'" in result.stderr
-    for flags, words in ((("--size", "100"), "'size' must be a power of two"),
-                         (("--dtype", "int8"), "'dtype' must be one of float16, uint8"),
-                         (("--channels", "2"), "'channels' must be 1")):
+    for flags, words in (
+        (("--size", "100"), "'size' must be a power of two"),
+        (("--dtype", "int8"), "'dtype' must be one of float16, uint8"),
+        (("--channels", "2"), "'channels' must be 1"),
+    ):
         result = preprocess(sample_data, tmp_path / "bad", *flags)
         assert result.returncode == 2 and words in result.stderr, result.stderr
         assert not (tmp_path / "bad").exists()
@@ -361,6 +387,7 @@ def _one_voxel(value):
         data = data.astype(np.float32)
         data[90, 100, 80] = value
         save_like(path, data, affine)
+
     return breaker
 
 
@@ -473,8 +500,14 @@ def test_unwritable_output_directory(sample_data, tmp_path):
 def test_info_summarises_and_verifies(sample_dataset, tmp_path):
     result = run_hpcgan("info", sample_dataset, "--verify")
     assert result.returncode == 0, result.stderr
-    for words in ("1 x 64 x 64", "float16", "train        1 subjects, 48 slices", "val          1 subjects, 48 slices",
-                  "percentile", "verified     2 shards ok"):
+    for words in (
+        "1 x 64 x 64",
+        "float16",
+        "train        1 subjects, 48 slices",
+        "val          1 subjects, 48 slices",
+        "percentile",
+        "verified     2 shards ok",
+    ):
         assert words in result.stdout, words
     copy = tmp_path / "copy"
     shutil.copytree(sample_dataset, copy)

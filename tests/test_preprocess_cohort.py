@@ -2,6 +2,7 @@
 two modalities, two bad subjects): the same bytes for 1, 2 and 3 ranks and for 1 or 2 BLAS threads,
 pseudonyms on every path (manifest, resume records, every rank's log, with and without --debug),
 and a rank killed mid-shard."""
+
 import json
 import os
 import signal
@@ -23,12 +24,30 @@ pytestmark = [requires_mpirun, pytest.mark.mpi, pytest.mark.slow]  # about 80 s 
 # With this salt the truncated subject shares train-00001 with PatientClarke, which rank 1 writes
 # on 2 and on 3 ranks: its skip is found and logged by a rank other than the planning one.
 SALT = "salt-of-the-cohort-test-0000"
-GOOD = ("PatientSmith", "PatientJones", "PatientBrown", "PatientTaylor", "PatientWilson", "PatientDavies",
-        "PatientClarke")
+GOOD = (
+    "PatientSmith",
+    "PatientJones",
+    "PatientBrown",
+    "PatientTaylor",
+    "PatientWilson",
+    "PatientDavies",
+    "PatientClarke",
+)
 TRUNCATED = "PatientEvans"  # its t1 data is cut short: found by the rank writing its shard
 NOT_NIFTI = "PatientHughes"  # its t1 is a text file: found by rank 0 while planning
-COMMON = ("--modalities", "t1,t2", "--size", "64", "--slices", "20:26", "--min-brain-fraction", "0",
-          "--shards", "5", "--skip-bad")
+COMMON = (
+    "--modalities",
+    "t1,t2",
+    "--size",
+    "64",
+    "--slices",
+    "20:26",
+    "--min-brain-fraction",
+    "0",
+    "--shards",
+    "5",
+    "--skip-bad",
+)
 PSEUDONYMIZED = COMMON + ("--dtype", "uint8", "--compression", "gzip", "--pseudonymize")
 
 
@@ -91,8 +110,13 @@ def cohort(sample_data, tmp_path_factory) -> Path:
     big = [ndimage.zoom(v[:, :, 40:120:2].astype(np.float64), (2, 2, 1), order=1) * 1.37 for v in (mni_t1, mni_t2)]
     subject("PatientDavies", mni @ np.diag([0.5, 0.5, 2.0, 1.0]) @ translation(0, 0, 20), *big, suffix=".nii")
     # Cropped to 150 x 180 voxels a slice, int16.
-    subject("PatientClarke", colin @ translation(15, 20, 0), colin_t1[15:165, 20:200], colin_t2[15:165, 20:200],
-            dtype=np.int16)
+    subject(
+        "PatientClarke",
+        colin @ translation(15, 20, 0),
+        colin_t1[15:165, 20:200],
+        colin_t2[15:165, 20:200],
+        dtype=np.int16,
+    )
     subject(TRUNCATED, mni, mni_t1, mni_t2)
     victim = inp / TRUNCATED / f"{TRUNCATED}_t1.nii.gz"
     victim.write_bytes(victim.read_bytes()[:200_000])
@@ -127,8 +151,9 @@ def pseudonymized_runs(cohort, tmp_path_factory) -> dict:
     runs = {}
     for ranks, n_threads, extra in ((1, 1, ()), (2, 2, ("--debug",)), (3, 1, ())):
         out = tmp_path_factory.mktemp(f"pseudonymized-{ranks}") / "ds"
-        result = run_preprocess(ranks, cohort, out, *PSEUDONYMIZED, "--salt-file", cohort / "salt", *extra,
-                                env=threads(n_threads))
+        result = run_preprocess(
+            ranks, cohort, out, *PSEUDONYMIZED, "--salt-file", cohort / "salt", *extra, env=threads(n_threads)
+        )
         runs[ranks] = (out, result.stdout + result.stderr)
     return runs
 
@@ -137,8 +162,9 @@ def test_pseudonymized_outputs_and_every_ranks_log_never_name_an_input(cohort, p
     ids = {name: pseudonym(name, SALT) for name in GOOD + (TRUNCATED, NOT_NIFTI)}
     # Without --skip-bad the first bad subject stops the run: its one-line error uses the pseudonym too.
     args = [a for a in PSEUDONYMIZED if a != "--skip-bad"]
-    result = run_hpcgan("preprocess", "--input", cohort / "input", "--output", tmp_path / "ds", *args,
-                        "--salt-file", cohort / "salt")
+    result = run_hpcgan(
+        "preprocess", "--input", cohort / "input", "--output", tmp_path / "ds", *args, "--salt-file", cohort / "salt"
+    )
     assert result.returncode == 2 and "Patient" not in result.stderr + result.stdout, result.stderr
     assert f"error: subject {ids[NOT_NIFTI]}: t1 volume: not a readable NIfTI file" in result.stderr
     for ranks, (out, log) in pseudonymized_runs.items():
@@ -169,8 +195,9 @@ def test_any_number_of_ranks_writes_the_same_bytes(pseudonymized_runs):
     (one, _), (two, _), (three, _) = (pseudonymized_runs[r] for r in (1, 2, 3))
     manifest = json.loads((one / "manifest.json").read_text())
     assert manifest["dtype"] == "uint8" and manifest["image_shape"] == [2, 64, 64]
-    assert [s["name"] for s in manifest["shards"]] == [f"train-{j:05d}-of-00005.h5" for j in range(5)] + \
-        ["val-00000-of-00001.h5"]
+    assert [s["name"] for s in manifest["shards"]] == [f"train-{j:05d}-of-00005.h5" for j in range(5)] + [
+        "val-00000-of-00001.h5"
+    ]
     assert all(s["slices"] == 6 for s in manifest["subjects"].values())  # every geometry gave its slices
     with h5py.File(one / "train-00000-of-00005.h5", "r") as f:
         assert f["images"].compression == "gzip" and f["images"].dtype == np.uint8
@@ -229,8 +256,14 @@ def test_a_rank_killed_mid_shard_ends_the_job_and_a_rerun_completes_it(cohort, p
     shard = manifest["subjects"][pseudonym("PatientDavies", SALT)]["shard"]  # the slowest subject's shard
     out = tmp_path / "ds"
     args = ("preprocess", "--input", cohort / "input", "--output", out, *PSEUDONYMIZED, "--salt-file", cohort / "salt")
-    job = subprocess.Popen(mpirun_cmd(2) + hpcgan_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, env=mpi_env(), start_new_session=True)
+    job = subprocess.Popen(
+        mpirun_cmd(2) + hpcgan_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=mpi_env(),
+        start_new_session=True,
+    )
     try:
         deadline, victim, ranks = time.monotonic() + 120, None, []
         while victim is None and job.poll() is None and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """Pure array functions of hpcgan.preprocess.transforms (maths only; real volumes are in
 test_preprocess.py)."""
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -43,11 +44,11 @@ def test_a_slice_resizes_to_the_same_bytes_alone_or_in_any_block():
     images = np.full((6, 300, 240), -1.0, dtype=np.float32)
     for k in range(6):
         top, left = rng.integers(0, 100, size=2)
-        images[k, top:top + 150, left:left + 120] = rng.uniform(-1, 1, size=(150, 120))
+        images[k, top : top + 150, left : left + 120] = rng.uniform(-1, 1, size=(150, 120))
     padding = ((10, 11), (40, 40))
     for size in (64, 512):
         block = T.pad_and_resize(images, padding, size)
-        alone = np.concatenate([T.pad_and_resize(images[k:k + 1], padding, size) for k in range(6)])
+        alone = np.concatenate([T.pad_and_resize(images[k : k + 1], padding, size) for k in range(6)])
         assert block.tobytes() == alone.tobytes(), size
 
 

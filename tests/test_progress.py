@@ -1,5 +1,6 @@
 """Progress in batch jobs: with stderr not a terminal (Slurm's job log) commands log plain lines at
 each 10 % of the work, never tqdm's carriage-return redraws; on a terminal they keep the bar."""
+
 import io
 import logging
 
@@ -69,12 +70,39 @@ def test_line_progress_logs_on_time_between_tenths():
 
 
 def test_commands_write_no_carriage_returns_into_a_job_log(sample_data, sample_dataset, tmp_path):
-    preprocess = run_hpcgan("preprocess", "--input", sample_data, "--output", tmp_path / "dataset", "--modalities",
-                            "t1", "--slices", "80:90", "--size", "32", "--val-fraction", "0", check=True)
+    preprocess = run_hpcgan(
+        "preprocess",
+        "--input",
+        sample_data,
+        "--output",
+        tmp_path / "dataset",
+        "--modalities",
+        "t1",
+        "--slices",
+        "80:90",
+        "--size",
+        "32",
+        "--val-fraction",
+        "0",
+        check=True,
+    )
     assert "\r" not in preprocess.stderr
     assert "preprocess: 2/2 subjects (100%)" in preprocess.stderr, preprocess.stderr
-    train = run_hpcgan("train", "--config", "wgan-gp-64", "--data", sample_dataset, "--out", tmp_path / "run",
-                       "--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "log.every_steps=1",
-                       check=True)
+    train = run_hpcgan(
+        "train",
+        "--config",
+        "wgan-gp-64",
+        "--data",
+        sample_dataset,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "log.every_steps=1",
+        check=True,
+    )
     assert "\r" not in train.stderr
     assert "train: 4/4 steps (100%)" in train.stderr, train.stderr

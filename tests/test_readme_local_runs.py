@@ -5,6 +5,7 @@ paths are relative), with `source .venv/bin/activate` done as `.venv/bin` first 
 mpirun and horovodrun trainings must both finish, and, being the same 2-rank Horovod training with
 the same seed, write the same weights.
 """
+
 import os
 import re
 import shlex
@@ -32,8 +33,9 @@ def test_readme_local_runs_work_as_written(tmp_path):
     assert lines[0] == "source .venv/bin/activate"
     launchers = [shlex.split(line)[0] for line in lines[1:]]
     assert "mpirun" in launchers and "horovodrun" in launchers, lines
-    env = mpi_env({"PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
-                   "VIRTUAL_ENV": str(REPO / ".venv")})
+    env = mpi_env(
+        {"PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(REPO / ".venv")}
+    )
     for line in lines[1:]:
         result = run_cmd(["bash", "-c", f"set -euo pipefail; {line}"], env=env, cwd=tmp_path, timeout=240)
         assert result.returncode == 0, f"README line failed ({result.returncode}): {line}\n{result.stderr[-3000:]}"

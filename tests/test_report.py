@@ -1,5 +1,6 @@
 """`hpcgan report RUN_DIR` on a run directory laid out as training writes it (real slices as the
 'generated' images): the page parses, every figure it references exists and is a valid PNG."""
+
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -52,7 +53,7 @@ def run_dir(sample_dataset, tmp_path_factory):
     sample directory with a stack, and evaluation.json with its worst pairs, as the tools write them."""
     from hpcgan.config import to_dict
     from hpcgan.metrics import evaluate
-    from hpcgan.train_config import Config
+    from hpcgan.training.config import Config
 
     run = tmp_path_factory.mktemp("report") / "run"
     (run / "samples").mkdir(parents=True)
@@ -61,8 +62,16 @@ def run_dir(sample_dataset, tmp_path_factory):
     (run / "env.json").write_text(json.dumps({"torch": "2.13.0", "world_size": 2, "backend": "horovod"}))
     lines = []
     for step in range(10, 110, 10):
-        lines.append({"step": step, "epoch": 0, "time_s": step / 10, "images_per_s": 50.0,
-                      "loss_d": 1.0 / step, "loss_g": 2.0 - step / 100})
+        lines.append(
+            {
+                "step": step,
+                "epoch": 0,
+                "time_s": step / 10,
+                "images_per_s": 50.0,
+                "loss_d": 1.0 / step,
+                "loss_g": 2.0 - step / 100,
+            }
+        )
         if step % 50 == 0:
             result = evaluate(val[:16], train, val, metrics=("swd", "intensity"))
             lines.append({"step": step, "eval": result})
@@ -76,9 +85,17 @@ def run_dir(sample_dataset, tmp_path_factory):
     from hpcgan.metrics.memorization import compute
 
     mem = compute(np.concatenate([copies, val[:12]]), train, val, worst_dir=run / "worst-pairs")
-    write_json_atomic(run / "evaluation.json", {"format": "hpcgan-evaluation", "format_version": 1,
-                                                 "metrics": {"memorization": mem}, "worst_dir": "worst-pairs",
-                                                 "generated": {"count": 24}, "real": {"train": 48, "val": 48}})
+    write_json_atomic(
+        run / "evaluation.json",
+        {
+            "format": "hpcgan-evaluation",
+            "format_version": 1,
+            "metrics": {"memorization": mem},
+            "worst_dir": "worst-pairs",
+            "generated": {"count": 24},
+            "real": {"train": 48, "val": 48},
+        },
+    )
     return run
 
 

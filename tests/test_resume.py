@@ -3,6 +3,7 @@ entry of the checkpoint: weights, each rank's batch-norm statistics, optimizer s
 RNG states, data position, and the metrics log); a signal on one rank makes every rank checkpoint and
 exit 75, and resuming reaches the uninterrupted result; a different world size resumes at the rescaled
 data position; a changed model is refused, a changed interval is not."""
+
 import json
 import signal
 import subprocess
@@ -21,8 +22,13 @@ def differences(a, b, path="checkpoint") -> list:
     """Where two nested states (dicts, lists, tensors, plain values) differ; tensors bitwise, with
     dtype and shape. [] when they are identical."""
     if torch.is_tensor(a) or torch.is_tensor(b):
-        same = (torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a, b))
+        same = (
+            torch.is_tensor(a)
+            and torch.is_tensor(b)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
         return [] if same else [path]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
@@ -37,16 +43,19 @@ def differences(a, b, path="checkpoint") -> list:
 
 def metrics_lines(run_dir) -> list:
     """metrics.jsonl without the wall-clock figures, which differ between any two runs."""
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 
 @pytest.mark.mpi
 @requires_mpirun
-@pytest.mark.parametrize("loss, extra", [
-    ("wgan-gp", ["train.diffaugment=translation,cutout"]),
-    ("bce", ["model.d_norm=batch", "model.d_input_noise=0.1", "model.g_dropout=0.1"]),
-])
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("wgan-gp", ["train.diffaugment=translation,cutout"]),
+        ("bce", ["model.d_norm=batch", "model.d_input_noise=0.1", "model.g_dropout=0.1"]),
+    ],
+)
 def test_resume_is_bit_exact(sample_dataset, tmp_path, loss, extra):
     # 6 training slices per rank-batch of 4 on 2 ranks: the runs cross epoch boundaries.
     sets = [f"loss.type={loss}", "checkpoint.every_steps=3", *extra]
@@ -67,7 +76,7 @@ def test_resume_is_bit_exact(sample_dataset, tmp_path, loss, extra):
     assert stats and all(not torch.equal(own[0][k], own[1][k]) for k in stats)
     assert all(torch.equal(a["G"][k], (own[0][k] + own[1][k]) / 2) for k in stats)
     # The metrics log has one line per step, with the same numbers, as if the run had never stopped.
-    assert [l["step"] for l in metrics_lines(split)] == list(range(1, 9))
+    assert [line["step"] for line in metrics_lines(split)] == list(range(1, 9))
     assert metrics_lines(split) == metrics_lines(full)
 
 
@@ -78,8 +87,9 @@ def test_preemption_checkpoints_and_resumes(sample_dataset, tmp_path, signum):
     sets = ["loss.type=hinge", "model.g_norm=none", "model.d_norm=none"]
     run = tmp_path / "run"
     cmd = mpirun_cmd(2) + hpcgan_cmd(*train_args(sample_dataset, run, 100000, *sets))
-    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _wait_for_rank(proc, 1, run).send_signal(signum)  # only rank 1 hears it
         _, err = proc.communicate(timeout=120)
@@ -118,7 +128,7 @@ def test_resume_on_a_different_world_size(sample_dataset, tmp_path):
     ckpt = load_ckpt(run)
     assert ckpt["step"] == steps and ckpt["world_size"] == 1 and len(ckpt["rng"]) == len(ckpt["rank_buffers"]) == 1
     assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 1)
-    assert [l["epoch"] for l in metrics_lines(run)] == [0] * (steps - 1) + [1]
+    assert [line["epoch"] for line in metrics_lines(run)] == [0] * (steps - 1) + [1]
 
 
 def test_resume_refuses_a_changed_model_and_accepts_safe_changes(sample_dataset, tmp_path):
@@ -128,7 +138,9 @@ def test_resume_refuses_a_changed_model_and_accepts_safe_changes(sample_dataset,
     assert refused.returncode == 2 and "model.latent_dim" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert load_ckpt(run)["step"] == 2
-    run_hpcgan(*train_args(sample_dataset, run, 4, "log.every_steps=2", "optim.lr=1e-4"), "--resume", "auto", check=True)
+    run_hpcgan(
+        *train_args(sample_dataset, run, 4, "log.every_steps=2", "optim.lr=1e-4"), "--resume", "auto", check=True
+    )
     assert load_ckpt(run)["step"] == 4
 
 
@@ -140,8 +152,8 @@ def test_resume_auto_starts_fresh_and_skips_a_corrupt_checkpoint(sample_dataset,
     result = run_hpcgan(*train_args(sample_dataset, run, 3, "checkpoint.every_steps=1"), "--resume", "auto")
     assert result.returncode == 0, result.stderr
     assert "ckpt-00000002.pt" in result.stderr  # the warning names the skipped file
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
     assert load_ckpt(run)["step"] == 3
 
 
@@ -150,6 +162,10 @@ def test_resume_from_an_explicit_checkpoint_path(sample_dataset, tmp_path):
     run_hpcgan(*train_args(sample_dataset, run, 2), check=True)
     missing = run_hpcgan(*train_args(sample_dataset, tmp_path / "other", 3), "--resume", tmp_path / "nope.pt")
     assert missing.returncode == 2 and "nope.pt" in missing.stderr
-    run_hpcgan(*train_args(sample_dataset, tmp_path / "other", 3), "--resume", run / "checkpoints" / "ckpt-00000002.pt",
-               check=True)
+    run_hpcgan(
+        *train_args(sample_dataset, tmp_path / "other", 3),
+        "--resume",
+        run / "checkpoints" / "ckpt-00000002.pt",
+        check=True,
+    )
     assert load_ckpt(tmp_path / "other")["step"] == 3

@@ -1,4 +1,5 @@
 """Image stacks (hpcgan.stacks) and the `hpcgan sample` command (hpcgan.sample)."""
+
 import json
 
 import nibabel as nib
@@ -7,8 +8,16 @@ import pytest
 from PIL import Image
 
 from hpcgan.preprocess import transforms as T
-from hpcgan.stacks import (NIFTI_DESCRIPTION, contact_sheet, read_stack_attrs, read_stack_h5, to_uint8, write_png,
-                           write_stack_h5, write_stack_nifti)
+from hpcgan.stacks import (
+    NIFTI_DESCRIPTION,
+    contact_sheet,
+    read_stack_attrs,
+    read_stack_h5,
+    to_uint8,
+    write_png,
+    write_stack_h5,
+    write_stack_nifti,
+)
 
 
 # ---------------------------------------------------------------- stacks: pure maths
@@ -32,9 +41,9 @@ def test_contact_sheet_places_image_i_at_row_i_div_nrow(channels):
     pixels = to_uint8(images)
     for i in range(n):
         r, c = divmod(i, nrow)
-        cell = sheet[r * h:(r + 1) * h, c * w:(c + 1) * w]
+        cell = sheet[r * h : (r + 1) * h, c * w : (c + 1) * w]
         assert np.array_equal(cell, pixels[i][..., 0] if channels == 1 else pixels[i])
-    assert not sheet[2 * h:, 1 * w:].any()  # the two cells after the last image stay black
+    assert not sheet[2 * h :, 1 * w :].any()  # the two cells after the last image stay black
 
 
 def test_png_and_h5_round_trip(tmp_path):
@@ -57,8 +66,12 @@ def test_nifti_zooms_axes_header_and_intensity(tmp_path):
     # rows 0.5 mm (along Y), columns 0.8 mm (along X), 3 mm slices; 2 channels = 2 modalities
     images = np.full((5, 2, 4, 6), -1.0, dtype=np.float32)
     images[:, 0, 0, -1] = 1.0  # top right of the display: anterior (+Y), subject's right side (+X)
-    intensity = {"norm": "percentile", "lo": 10.0, "hi": 110.0,
-                 "per_modality": {"t1": {"lo": 10.0, "hi": 110.0}, "flair": {"lo": 0.0, "hi": 50.0}}}
+    intensity = {
+        "norm": "percentile",
+        "lo": 10.0,
+        "hi": 110.0,
+        "per_modality": {"t1": {"lo": 10.0, "hi": 110.0}, "flair": {"lo": 0.0, "hi": 50.0}},
+    }
     write_stack_nifti(tmp_path / "v.nii.gz", images, [0.5, 0.8], 3.0, intensity, all_channels=True)
     img = nib.load(tmp_path / "v.nii.gz")
     assert img.shape == (6, 4, 5, 2)
@@ -100,12 +113,17 @@ from hpcgan.checkpoint import CheckpointWriter  # noqa: E402
 from hpcgan.config import to_dict  # noqa: E402
 from hpcgan.networks import ModelConfig, build_generator  # noqa: E402
 from hpcgan.sample import generate_images  # noqa: E402
-from tests.conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi  # noqa: E402
+from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi  # noqa: E402
 
 TINY = ModelConfig(resolution=32, channels=1, latent_dim=16, g_base_width=8, max_width=32)
-DATASET = {"image_shape": [1, 32, 32], "pixel_spacing_mm": [6.0, 6.0], "slice_thickness_mm": 2.0,
-           "modalities": ["t1"], "dtype": "uint8",
-           "intensity": {"norm": "percentile", "lo": 5.0, "hi": 205.0, "per_modality": {"t1": {"lo": 5.0, "hi": 205.0}}}}
+DATASET = {
+    "image_shape": [1, 32, 32],
+    "pixel_spacing_mm": [6.0, 6.0],
+    "slice_thickness_mm": 2.0,
+    "modalities": ["t1"],
+    "dtype": "uint8",
+    "intensity": {"norm": "percentile", "lo": 5.0, "hi": 205.0, "per_modality": {"t1": {"lo": 5.0, "hi": 205.0}}},
+}
 
 
 def tiny_checkpoint(run_dir, model=None, step=40):
@@ -119,8 +137,13 @@ def tiny_checkpoint(run_dir, model=None, step=40):
     with torch.no_grad():
         for p in G_ema.parameters():
             p.mul_(0.9)
-    state = {"config": {"model": model or to_dict(TINY), "train": {"seed": 0}}, "dataset": DATASET, "step": step,
-             "G": G.state_dict(), "G_ema": G_ema.state_dict()}
+    state = {
+        "config": {"model": model or to_dict(TINY), "train": {"seed": 0}},
+        "dataset": DATASET,
+        "step": step,
+        "G": G.state_dict(),
+        "G_ema": G_ema.state_dict(),
+    }
     writer = CheckpointWriter(run_dir / "checkpoints")
     writer.submit(state, step)
     writer.close()
@@ -147,8 +170,7 @@ def test_generate_images_depends_on_seed_and_stream_only(tiny_run):
 @pytest.mark.slow
 @requires_mpirun
 def test_sample_command_writes_stacks_identically_on_one_and_two_ranks(tiny_run, tmp_path):
-    args = ["sample", "--checkpoint", tiny_run, "--num-stacks", 3, "--stack-size", 12, "--seed", 5,
-            "--batch-size", 5]
+    args = ["sample", "--checkpoint", tiny_run, "--num-stacks", 3, "--stack-size", 12, "--seed", 5, "--batch-size", 5]
     run_hpcgan(*args, "--out", tmp_path / "one", check=True)
     run_hpcgan_mpi(2, *args, "--out", tmp_path / "two", check=True)
     names = [f"stack-{k:05d}.{ext}" for k in range(3) for ext in ("h5", "nii.gz", "png")]
@@ -172,8 +194,9 @@ def test_sample_command_writes_stacks_identically_on_one_and_two_ranks(tiny_run,
         np.testing.assert_allclose(data[:, ::-1, :].transpose(2, 1, 0), 5.0 + (one[:, 0] + 1) * 100.0, atol=1e-3)
         with Image.open(tmp_path / "one" / f"stack-{k:05d}.png") as im:
             assert im.size == (10 * 32, 2 * 32) and im.mode == "L"
-    assert not np.array_equal(read_stack_h5(tmp_path / "one" / "stack-00000.h5"),
-                              read_stack_h5(tmp_path / "one" / "stack-00001.h5"))
+    assert not np.array_equal(
+        read_stack_h5(tmp_path / "one" / "stack-00000.h5"), read_stack_h5(tmp_path / "one" / "stack-00001.h5")
+    )
 
 
 def test_sample_format_subsets_and_no_ema(tiny_run, tmp_path, cli_in_process):
@@ -184,7 +207,12 @@ def test_sample_format_subsets_and_no_ema(tiny_run, tmp_path, cli_in_process):
     assert cli_in_process([*common, "--out", str(tmp_path / "ema"), "--format", "png,nifti"]) == 0
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["index.json", "stack-00000.h5", "stack-00001.h5"]
     assert sorted(p.name for p in (tmp_path / "ema").iterdir()) == [
-        "index.json", "stack-00000.nii.gz", "stack-00000.png", "stack-00001.nii.gz", "stack-00001.png"]
+        "index.json",
+        "stack-00000.nii.gz",
+        "stack-00000.png",
+        "stack-00001.nii.gz",
+        "stack-00001.png",
+    ]
     g_index, ema_index = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("g", "ema"))
     assert (g_index["formats"], g_index["ema"]) == (["h5"], False)
     assert (ema_index["formats"], ema_index["ema"]) == (["nifti", "png"], True)
@@ -219,14 +247,20 @@ def test_sample_refuses_bad_input_with_one_line_and_writes_nothing(tiny_run, tmp
     ]
     out = tmp_path / "out"
     for (ckpt, *more), message in cases:  # in-process through the CLI's error handling: fast
-        code = cli_in_process(["sample", "--checkpoint", str(ckpt), "--out", str(out), "--stack-size", "2", *map(str, more)])
+        code = cli_in_process(
+            ["sample", "--checkpoint", str(ckpt), "--out", str(out), "--stack-size", "2", *map(str, more)]
+        )
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0], (ckpt, lines)
         assert not out.exists()
     # one real process: the exit status and stderr a user sees
     result = run_hpcgan("sample", "--checkpoint", good, "--out", blocker / "out", "--stack-size", 2)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and f"{blocker / 'out'}: output directory is not writable" in lines[0]
+    assert (
+        result.returncode == 2
+        and len(lines) == 1
+        and f"{blocker / 'out'}: output directory is not writable" in lines[0]
+    )
 
 
 @pytest.mark.slow
@@ -234,10 +268,34 @@ def test_sample_from_a_trained_run_has_the_dataset_geometry(sample_dataset, tmp_
     """A run of `hpcgan train` on the real-brain dataset → NIfTI volumes with its voxel size and intensities."""
     pytest.importorskip("hpcgan.train", reason="hpcgan train is not in this checkout yet")
     run = tmp_path / "run"
-    run_hpcgan("train", "--config", "wgan-gp-64", "--data", sample_dataset, "--out", run, "--set", "train.steps=2",
-               "--set", "model.g_base_width=8", "--set", "model.d_base_width=8", "--set", "model.max_width=32",
-               "--set", "model.latent_dim=16", "--set", "train.batch_size=4", "--set", "log.sample_every_steps=0",
-               "--set", "log.tensorboard=false", "--set", "checkpoint.every_steps=0", check=True)
+    run_hpcgan(
+        "train",
+        "--config",
+        "wgan-gp-64",
+        "--data",
+        sample_dataset,
+        "--out",
+        run,
+        "--set",
+        "train.steps=2",
+        "--set",
+        "model.g_base_width=8",
+        "--set",
+        "model.d_base_width=8",
+        "--set",
+        "model.max_width=32",
+        "--set",
+        "model.latent_dim=16",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "log.sample_every_steps=0",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "checkpoint.every_steps=0",
+        check=True,
+    )
     run_hpcgan("sample", "--checkpoint", run, "--out", tmp_path / "s", "--stack-size", 10, check=True)
     manifest = json.loads((sample_dataset / "manifest.json").read_text())
     volume = nib.load(tmp_path / "s" / "stack-00000.nii.gz")
@@ -246,7 +304,23 @@ def test_sample_from_a_trained_run_has_the_dataset_geometry(sample_dataset, tmp_
     np.testing.assert_allclose(volume.header.get_zooms(), [spacing[1], spacing[0], manifest["slice_thickness_mm"]])
     images = read_stack_h5(tmp_path / "s" / "stack-00000.h5")
     lo, hi = manifest["intensity"]["lo"], manifest["intensity"]["hi"]
-    np.testing.assert_allclose(volume.get_fdata()[:, ::-1, :].transpose(2, 1, 0), lo + (images[:, 0] + 1) * (hi - lo) / 2,
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        volume.get_fdata()[:, ::-1, :].transpose(2, 1, 0), lo + (images[:, 0] + 1) * (hi - lo) / 2, rtol=1e-5, atol=1e-3
+    )
     text = b"".join(p.read_bytes() for p in (tmp_path / "s").iterdir() if p.suffix in (".json", ".h5"))
     assert str(sample_dataset).encode() not in text and b"mni152" not in text.lower()  # no input paths or subjects
+
+
+def test_latents_are_pinned_to_their_seeds():
+    """The latents of `hpcgan sample --seed 3` (stack 1) and of a training step: a change of the seeding
+    changes every sample and breaks the bit-exact resume of older runs, so it must be deliberate."""
+    from hpcgan.generation import draw_latents, seed_for
+
+    assert seed_for(3, 1) == 5712964121383671236 and seed_for(0, 5, 2) == 2676082015876268747
+    expected = torch.tensor(
+        [
+            [-0.8185847401618958, -0.21339473128318787, 0.7480843663215637],
+            [1.4823997020721436, -0.8282589912414551, 0.040718335658311844],
+        ]
+    )
+    assert torch.equal(draw_latents(2, 3, 3, 1), expected)

@@ -4,6 +4,7 @@ with a one-line message, and a `horovodrun --check-build` without [X] NCCL is re
 No GPU here: CUDA is given as the version torch would report, NCCL as a fake nvidia-nccl wheel layout, nvcc as a
 stub script; the check-build texts are recorded under tests/data/horovod-check-build/ (cpu-mpi-gloo.txt from this
 machine's build, the CUDA ones printed by Horovod 0.28.1's own check_build with nccl_built forced)."""
+
 import glob
 import os
 import subprocess
@@ -19,15 +20,30 @@ CHECK_BUILD = REPO / "tests" / "data" / "horovod-check-build"
 VPY = sys.executable
 MPI = "mpirun-Open-MPI-4.1.4"
 # What the user's environment could set and the tests must not see (each test sets its own).
-SITE_VARS = ("HOROVOD_NCCL_HOME", "HOROVOD_NCCL_INCLUDE", "HOROVOD_NCCL_LIB", "HOROVOD_NCCL_LINK", "NCCL_HOME",
-             "NCCL_ROOT", "HOROVOD_CUDA_HOME", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH")
+SITE_VARS = (
+    "HOROVOD_NCCL_HOME",
+    "HOROVOD_NCCL_INCLUDE",
+    "HOROVOD_NCCL_LIB",
+    "HOROVOD_NCCL_LINK",
+    "NCCL_HOME",
+    "NCCL_ROOT",
+    "HOROVOD_CUDA_HOME",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PYTHONPATH",
+)
 
 
 def bash(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `script` in bash after sourcing scripts/horovod-build.sh, with args as $1...; errexit on, like setup.sh."""
     base = {k: v for k, v in os.environ.items() if k not in SITE_VARS}
-    return subprocess.run(["bash", "-c", f'set -euo pipefail; source "{HELPERS}"; {script}', "bash", *args],
-                          env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; source "{HELPERS}"; {script}', "bash", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def ok(script: str, *args: str, env: dict | None = None) -> str:
@@ -80,6 +96,7 @@ def test_the_stamp_changes_when_torch_switches_between_cpu_and_cuda():
 
 def test_torch_build_reads_this_venvs_cpu_torch():
     import torch
+
     version, cuda, py_tag = ok('torch_build "$1"', VPY).split()
     assert (version, cuda) == (torch.__version__.split("+")[0], torch.version.cuda or "cpu")
     assert py_tag == f"py{sys.version_info[0]}{sys.version_info[1]}"
@@ -87,15 +104,23 @@ def test_torch_build_reads_this_venvs_cpu_torch():
 
 def test_nccl_from_a_pip_wheel_is_linked_shared_through_an_unversioned_symlink(tmp_path):
     nccl = fake_nccl_wheel(tmp_path / "site")
-    out = ok('find_nccl "$1" 12.4; nccl_version "$NCCL_INCLUDE_DIR/nccl.h"; horovod_nccl_env "$2"; '
-             'echo "$NCCL_LIB"; echo "$HOROVOD_NCCL_HOME $HOROVOD_NCCL_INCLUDE $HOROVOD_NCCL_LIB $HOROVOD_NCCL_LINK"',
-             VPY, str(tmp_path / "link"), env={"PYTHONPATH": str(tmp_path / "site")})
+    out = ok(
+        'find_nccl "$1" 12.4; nccl_version "$NCCL_INCLUDE_DIR/nccl.h"; horovod_nccl_env "$2"; '
+        'echo "$NCCL_LIB"; echo "$HOROVOD_NCCL_HOME $HOROVOD_NCCL_INCLUDE $HOROVOD_NCCL_LIB $HOROVOD_NCCL_LINK"',
+        VPY,
+        str(tmp_path / "link"),
+        env={"PYTHONPATH": str(tmp_path / "site")},
+    )
     version, lib, exported = out.splitlines()
     assert version == "2.21.5"
     assert Path(lib).resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
     home, include, libdir, link = exported.split()
-    assert (home, include, libdir, link) == (str(tmp_path / "link"), f"{tmp_path}/link/include",
-                                             f"{tmp_path}/link/lib", "SHARED")
+    assert (home, include, libdir, link) == (
+        str(tmp_path / "link"),
+        f"{tmp_path}/link/include",
+        f"{tmp_path}/link/lib",
+        "SHARED",
+    )
     unversioned = Path(libdir) / "libnccl.so"  # what FindNCCL.cmake's find_library(NAMES nccl) looks for
     assert unversioned.is_symlink() and unversioned.resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
     assert (Path(include) / "nccl.h").read_text().startswith("#ifndef NCCL_H_")
@@ -108,8 +133,12 @@ def test_the_users_horovod_nccl_home_comes_first(tmp_path):
     (home / "include").mkdir()
     (home / "lib" / "libnccl.so").write_bytes(b"fake")
     (home / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n#define NCCL_MINOR 18\n#define NCCL_PATCH 1\n")
-    out = ok('find_nccl "$1" 12.1; horovod_nccl_env "$2"; echo "$HOROVOD_NCCL_LIB $HOROVOD_NCCL_LINK"',
-             VPY, str(tmp_path / "link"), env={"PYTHONPATH": str(tmp_path / "site"), "HOROVOD_NCCL_HOME": str(home)})
+    out = ok(
+        'find_nccl "$1" 12.1; horovod_nccl_env "$2"; echo "$HOROVOD_NCCL_LIB $HOROVOD_NCCL_LINK"',
+        VPY,
+        str(tmp_path / "link"),
+        env={"PYTHONPATH": str(tmp_path / "site"), "HOROVOD_NCCL_HOME": str(home)},
+    )
     assert out.split() == [str(home / "lib"), "SHARED"]  # an unversioned library: no symlink needed
     assert not (tmp_path / "link").exists()
 
@@ -120,8 +149,11 @@ def test_a_horovod_nccl_home_without_nccl_stops_with_one_line(tmp_path):
 
 
 def test_cuda_torch_without_nccl_stops_naming_the_fixes():
-    if glob.glob("/usr/lib/*-linux-gnu/libnccl*") or "libnccl" in subprocess.run(
-            ["bash", "-c", "ldconfig -p 2>/dev/null || true"], capture_output=True, text=True).stdout:
+    if (
+        glob.glob("/usr/lib/*-linux-gnu/libnccl*")
+        or "libnccl"
+        in subprocess.run(["bash", "-c", "ldconfig -p 2>/dev/null || true"], capture_output=True, text=True).stdout
+    ):
         pytest.skip("this machine has a system NCCL, which find_nccl rightly finds")
     message = one_line_error(bash('find_nccl "$1" 12.4', VPY))
     assert "torch has CUDA 12.4 but no NCCL was found" in message
@@ -134,8 +166,11 @@ def test_nvcc_is_found_through_cuda_home(tmp_path):
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     nvcc.chmod(0o755)
-    proc = bash('find_nvcc 12.4 "$1"; echo "$HOROVOD_CUDA_HOME"', str(tmp_path / "none"),
-                env={"CUDA_HOME": str(tmp_path / "cuda-12.4")})
+    proc = bash(
+        'find_nvcc 12.4 "$1"; echo "$HOROVOD_CUDA_HOME"',
+        str(tmp_path / "none"),
+        env={"CUDA_HOME": str(tmp_path / "cuda-12.4")},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == str(tmp_path / "cuda-12.4")
     assert "warning" not in proc.stdout  # same major version as torch's CUDA
@@ -175,8 +210,9 @@ def test_this_machines_horovod_passes_the_check():
     horovodrun = Path(VPY).parent / "horovodrun"
     if not horovodrun.exists():
         pytest.skip("Horovod is not installed (scripts/setup.sh builds it)")
-    text = subprocess.run([str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120,
-                          check=True).stdout
+    text = subprocess.run(
+        [str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     cuda = ok('torch_build "$1"', VPY).split()[1]
     ok('check_horovod_build "$1" "$2"', text, cuda)
     if cuda == "cpu":  # the recording is this kind of machine's output, byte for byte

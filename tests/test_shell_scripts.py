@@ -2,6 +2,7 @@
 scripts under scripts/, slurm/ (with the .sbatch files and the sourced common.sh), containers/, .ci/run
 and the test helpers, plus the shell inside containers/hpcgan.def and the Dockerfile's RUN lines.
 `make lint` runs this file."""
+
 import re
 import shutil
 import subprocess
@@ -21,7 +22,12 @@ DEF_SHELL_SECTIONS = ("post", "environment", "runscript", "test")
 
 def tracked_files() -> list[Path]:
     """The repository's files: tracked, and new ones git does not ignore."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
     return [REPO / name for name in out.decode().split("\0") if name and (REPO / name).exists()]
 
 
@@ -72,14 +78,26 @@ def shellcheck(args: list[str], script: str | None = None) -> subprocess.Complet
 
 
 needs_shellcheck = pytest.mark.skipif(
-    SHELLCHECK is None, reason="shellcheck is not installed (scripts/setup.sh installs it as root on Debian)")
+    SHELLCHECK is None, reason="shellcheck is not installed (scripts/setup.sh installs it as root on Debian)"
+)
 
 
 def test_the_scripts_users_run_are_all_found():
     found = {str(p.relative_to(REPO)) for p in SHELL_SCRIPTS}
-    expected = {".ci/run", "containers/install.sh", "scripts/setup.sh", "scripts/demo.sh", "slurm/common.sh",
-                "slurm/pipeline.sh", "slurm/train.sbatch", "slurm/preprocess.sbatch", "slurm/sample.sbatch",
-                "slurm/evaluate.sbatch", "slurm/sweep.sbatch", "tests/scripts/apptainer-stand-in.sh"}
+    expected = {
+        ".ci/run",
+        "containers/install.sh",
+        "scripts/setup.sh",
+        "scripts/demo.sh",
+        "slurm/common.sh",
+        "slurm/pipeline.sh",
+        "slurm/train.sbatch",
+        "slurm/preprocess.sbatch",
+        "slurm/sample.sbatch",
+        "slurm/evaluate.sbatch",
+        "slurm/sweep.sbatch",
+        "tests/scripts/apptainer-stand-in.sh",
+    }
     assert expected <= found, expected - found
     labels = set(embedded_shell())
     assert {"containers/hpcgan.def %post", "containers/hpcgan.def %test", "containers/Dockerfile RUN #1"} <= labels

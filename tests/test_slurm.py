@@ -5,6 +5,7 @@ once for this module and always shut down. Jobs are polled with scontrol, each w
 a stuck job fails its test instead of hanging CI. The dataset preprocessed by the pipeline test is
 shared by the later tests; trainings use configs/wgan-gp-64.yaml with a few steps, 1 CPU per rank.
 """
+
 import csv
 import json
 import os
@@ -63,14 +64,23 @@ def submit_pipeline(cluster, work: Path, *args, **hpcgan_vars) -> dict:
 def sbatch(cluster, work: Path, script: str, *args, options=(), **hpcgan_vars) -> str:
     """Submit slurm/SCRIPT from `work` as a user would (sbatch OPTIONS slurm/SCRIPT ARGS); the job id."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    return cluster.sbatch(f"--output={work / 'logs' / '%x-%j.out'}", *options, REPO / "slurm" / script, *args,
-                          env=job_env(work, **hpcgan_vars), cwd=work)
+    return cluster.sbatch(
+        f"--output={work / 'logs' / '%x-%j.out'}",
+        *options,
+        REPO / "slurm" / script,
+        *args,
+        env=job_env(work, **hpcgan_vars),
+        cwd=work,
+    )
 
 
 def logs_of(work: Path) -> str:
     """Every batch and per-rank log, for the failure message."""
-    parts = [f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted((work / "logs").rglob("*"))
-             if p.is_file()]
+    parts = [
+        f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+        for p in sorted((work / "logs").rglob("*"))
+        if p.is_file()
+    ]
     return "\n".join(parts)
 
 
@@ -94,9 +104,17 @@ def test_container_mode_runs_each_step_through_apptainer_with_its_dirs_bound(clu
     image = tmp_path / "hpcgan.sif"
     image.write_bytes(b"")
     dataset = tmp_path / "dataset"
-    job = sbatch(cluster, tmp_path, "preprocess.sbatch", *PREPROCESS_ARGS.split(), HPCGAN_INPUT=sample_data,
-                 HPCGAN_DATA=dataset, HPCGAN_CONTAINER=image, HPCGAN_TEST_VENV=REPO / ".venv",
-                 PATH=f"{bin_dir}:{os.environ['PATH']}")
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "preprocess.sbatch",
+        *PREPROCESS_ARGS.split(),
+        HPCGAN_INPUT=sample_data,
+        HPCGAN_DATA=dataset,
+        HPCGAN_CONTAINER=image,
+        HPCGAN_TEST_VENV=REPO / ".venv",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     wait_ok(cluster, job, tmp_path, 180)
     assert (dataset / "manifest.json").exists()
     calls = (bin_dir / "calls.log").read_text().splitlines()
@@ -114,8 +132,14 @@ def test_failing_step_fails_its_job_and_cancels_the_dependants(cluster, tmp_path
     empty = tmp_path / "no-nifti-here"
     empty.mkdir()
     run = tmp_path / "runs" / "train"
-    jobs = submit_pipeline(cluster, tmp_path, HPCGAN_INPUT=empty, HPCGAN_DATA=tmp_path / "dataset", HPCGAN_RUN=run,
-                           HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS)
+    jobs = submit_pipeline(
+        cluster,
+        tmp_path,
+        HPCGAN_INPUT=empty,
+        HPCGAN_DATA=tmp_path / "dataset",
+        HPCGAN_RUN=run,
+        HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS,
+    )
     assert list(jobs) == ["preprocess", "train", "sample", "evaluate"]
     [pre] = cluster.wait(jobs["preprocess"], 120)
     assert (pre["JobState"], pre["ExitCode"]) == ("FAILED", "2:0"), logs_of(tmp_path)
@@ -147,8 +171,13 @@ def pipeline(cluster, sample_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("pipeline")
     (work / "data").mkdir()
     (work / "data" / "raw").symlink_to(sample_data)
-    jobs = submit_pipeline(cluster, work, HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS, HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
-                           HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8 --seed 3")
+    jobs = submit_pipeline(
+        cluster,
+        work,
+        HPCGAN_PREPROCESS_ARGS=PREPROCESS_ARGS,
+        HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
+        HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8 --seed 3",
+    )
     return work, jobs
 
 
@@ -170,8 +199,12 @@ def test_preprocess_job_writes_shards_on_two_ranks(cluster, pipeline, dataset, s
     verify = run_cmd([HPCGAN, "info", "--verify", str(dataset)], env=mpi_env(), timeout=120)
     assert verify.returncode == 0, verify.stderr
     single = tmp_path / "single"
-    run_cmd([HPCGAN, "preprocess", "--input", str(sample_data), "--output", str(single), *PREPROCESS_ARGS.split()],
-            env=mpi_env(), timeout=180, check=True)
+    run_cmd(
+        [HPCGAN, "preprocess", "--input", str(sample_data), "--output", str(single), *PREPROCESS_ARGS.split()],
+        env=mpi_env(),
+        timeout=180,
+        check=True,
+    )
     assert shards_of(dataset) == shards_of(single)
 
 
@@ -194,8 +227,11 @@ def test_pipeline_runs_to_the_end(cluster, pipeline, dataset):
     report = json.loads((run / "evaluation.json").read_text())
     # The evaluate step scored every image the sample step wrote, from this run's last checkpoint.
     assert report["generated"]["checkpoint_sha256"] == index["checkpoint_sha256"]
-    assert report["generated"]["count"] == index["num_stacks"] * index["stack_size"] == 8 * len(
-        list((run / "samples").glob("stack-*.h5")))
+    assert (
+        report["generated"]["count"]
+        == index["num_stacks"] * index["stack_size"]
+        == 8 * len(list((run / "samples").glob("stack-*.h5")))
+    )
     rank_logs = sorted((work / "logs").glob(f"hpcgan-train-{jobs['train']}.step0.rank*.log"))
     assert len(rank_logs) == 2
 
@@ -205,8 +241,19 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, dataset, tmp_path):
     it, every rank checkpoints and exits 75, the job requeues itself and the same job resumes."""
     run = tmp_path / "run"
     steps = 16
-    job = sbatch(cluster, tmp_path, "train.sbatch", "--set", f"train.steps={steps}", "--set", "train.batch_size=4",
-                 "--set", "checkpoint.every_steps=4", HPCGAN_DATA=dataset, HPCGAN_RUN=run)
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "train.sbatch",
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "checkpoint.every_steps=4",
+        HPCGAN_DATA=dataset,
+        HPCGAN_RUN=run,
+    )
     deadline = time.monotonic() + 120
     while not any((run / "checkpoints").glob("ckpt-*.pt")):  # training is under way
         [info] = cluster.jobs(job)
@@ -232,17 +279,30 @@ def test_sweep_array_trains_each_grid_point_and_summarises(cluster, dataset, tmp
     alternative launcher) gives two runs with their evaluations, then a summary job a CSV of both."""
     grid = "optim.lr=1e-4,2e-4"
     sweep_dir = tmp_path / "sweep"
-    jobs = submit_pipeline(cluster, tmp_path, "--no-preprocess", "--sweep", grid, HPCGAN_DATA=dataset,
-                           HPCGAN_SWEEP_DIR=sweep_dir, HPCGAN_TRAIN_ARGS=TRAIN_ARGS, HPCGAN_LAUNCHER="mpirun",
-                           HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8")
+    jobs = submit_pipeline(
+        cluster,
+        tmp_path,
+        "--no-preprocess",
+        "--sweep",
+        grid,
+        HPCGAN_DATA=dataset,
+        HPCGAN_SWEEP_DIR=sweep_dir,
+        HPCGAN_TRAIN_ARGS=TRAIN_ARGS,
+        HPCGAN_LAUNCHER="mpirun",
+        HPCGAN_SAMPLE_ARGS="--num-stacks 1 --stack-size 8",
+    )
     assert list(jobs) == ["sweep", "summary"]
     elements = wait_ok(cluster, jobs["sweep"], tmp_path, 300)
     assert sorted(j["ArrayTaskId"] for j in elements) == ["0", "1"]
     for element in elements:  # Open MPI's per-rank output of the 2-rank training
         assert (tmp_path / "logs" / f"hpcgan-sweep-{element['JobId']}.train.run0" / "1" / "rank.1").is_dir()
     wait_ok(cluster, jobs["summary"], tmp_path, 120)
-    names = [run_cmd([HPCGAN, "sweep", "--grid", grid, "--index", str(i), "--name"], env=mpi_env(), check=True)
-             .stdout.strip() for i in range(2)]
+    names = [
+        run_cmd(
+            [HPCGAN, "sweep", "--grid", grid, "--index", str(i), "--name"], env=mpi_env(), check=True
+        ).stdout.strip()
+        for i in range(2)
+    ]
     lrs = []
     for name in names:
         state = load_checkpoint(find_latest_valid(sweep_dir / name / "checkpoints"))

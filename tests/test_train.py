@@ -1,6 +1,7 @@
 """`hpcgan train`: config and dataset validation on every rank, 2 ranks equal 1 process, the replicas
 stay identical for every loss on both backends, same seed = same run, a dead rank ends the job, and the
 run directory has what the coordinator promises (without dataset paths)."""
+
 import json
 import os
 import signal
@@ -14,15 +15,30 @@ import torch
 from conftest import hpcgan_cmd, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
 from hpcgan.config import build
 from hpcgan.networks import ModelConfig, build_discriminator, build_generator
-from hpcgan.training_loop import replica_digest
+from hpcgan.training.state import replica_digest
 
 # A tiny model on the 64x64 dataset so that a step takes milliseconds on one core.
-TINY = ["model.g_base_width=8", "model.d_base_width=8", "model.max_width=32", "model.latent_dim=16",
-        "train.batch_size=4", "train.ema_decay=0.9", "log.every_steps=1", "log.sample_every_steps=0",
-        "log.tensorboard=false", "checkpoint.every_steps=0"]
+TINY = [
+    "model.g_base_width=8",
+    "model.d_base_width=8",
+    "model.max_width=32",
+    "model.latent_dim=16",
+    "train.batch_size=4",
+    "train.ema_decay=0.9",
+    "log.every_steps=1",
+    "log.sample_every_steps=0",
+    "log.tensorboard=false",
+    "checkpoint.every_steps=0",
+]
 # No batch statistics, no noise, no dropout: the step is a pure function of (weights, batch, latents).
-PURE = ["model.g_norm=none", "model.d_norm=none", "model.g_dropout=0.0", "model.d_dropout=0.0",
-        "model.d_input_noise=0.0", "train.diffaugment=''"]
+PURE = [
+    "model.g_norm=none",
+    "model.d_norm=none",
+    "model.g_dropout=0.0",
+    "model.d_dropout=0.0",
+    "model.d_input_noise=0.0",
+    "train.diffaugment=''",
+]
 
 
 def train_args(dataset, out, steps, *sets, config="wgan-gp-64"):
@@ -52,28 +68,34 @@ def assert_states_equal(a: dict, b: dict, exact=True, skip_buffers=False):
 # --- validation before any collective ---------------------------------------------------------------
 @pytest.mark.mpi
 @requires_mpirun
-@pytest.mark.parametrize("sets, needle", [
-    (["model.resolutoin=64"], "model.resolutoin"),
-    (["model.resolution=128"], "model.resolution"),
-    (["model.channels=3"], "model.channels"),
-    (["model.d_norm=batch"], "d_norm"),  # WGAN-GP with a batch-norm critic
-    (["optim.lr=-1"], "optim.lr"),
-    (["train.batch_size=10000"], "global batch"),
-])
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["model.resolutoin=64"], "model.resolutoin"),
+        (["model.resolution=128"], "model.resolution"),
+        (["model.channels=3"], "model.channels"),
+        (["model.d_norm=batch"], "d_norm"),  # WGAN-GP with a batch-norm critic
+        (["optim.lr=-1"], "optim.lr"),
+        (["train.batch_size=10000"], "global batch"),
+    ],
+)
 def test_bad_config_exits_2_on_every_rank(sample_dataset, tmp_path, sets, needle):
     result = run_hpcgan_mpi(2, *train_args(sample_dataset, tmp_path / "run", 2, *sets), timeout=120)
     assert result.returncode == 2, result.stderr
-    errors = [l for l in result.stderr.splitlines() if "hpcgan train: error" in l]
-    assert len(errors) == 2 and all(needle in l for l in errors), result.stderr
+    errors = [line for line in result.stderr.splitlines() if "hpcgan train: error" in line]
+    assert len(errors) == 2 and all(needle in line for line in errors), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("sets, needle", [
-    (["eval.metrics=[swd,ssim]"], "eval.metrics"),
-    (["eval.every_steps=2", "eval.metrics=[intensity]"], "checkpoint.best_metric"),
-    (["eval.num_images=1"], "eval.num_images"),
-])
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["eval.metrics=[swd,ssim]"], "eval.metrics"),
+        (["eval.every_steps=2", "eval.metrics=[intensity]"], "checkpoint.best_metric"),
+        (["eval.num_images=1"], "eval.num_images"),
+    ],
+)
 def test_bad_eval_config_exits_2(sample_dataset, tmp_path, sets, needle):
     result = run_hpcgan(*train_args(sample_dataset, tmp_path / "run", 2, *sets))
     assert result.returncode == 2 and needle in result.stderr, result.stderr
@@ -92,11 +114,21 @@ def test_missing_dataset_and_existing_run(sample_dataset, tmp_path):
 # --- the run directory ----------------------------------------------------------------------------------
 def test_single_process_run_dir(sample_dataset, tmp_path):
     run = tmp_path / "run"
-    run_hpcgan(*train_args(sample_dataset, run, 6, "log.sample_every_steps=3", "log.tensorboard=true",
-                           "checkpoint.every_steps=3", "checkpoint.keep=1"), check=True)
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
-    assert all(l["images_per_s"] > 0 and "loss_d" in l and "loss_g" in l for l in lines)
+    run_hpcgan(
+        *train_args(
+            sample_dataset,
+            run,
+            6,
+            "log.sample_every_steps=3",
+            "log.tensorboard=true",
+            "checkpoint.every_steps=3",
+            "checkpoint.keep=1",
+        ),
+        check=True,
+    )
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(line["images_per_s"] > 0 and "loss_d" in line and "loss_g" in line for line in lines)
     assert (run / "samples" / "grid-00000000.png").exists() and (run / "samples" / "grid-00000006.png").exists()
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-00000006.pt"]
     assert any((run / "tb").iterdir())
@@ -127,11 +159,17 @@ def test_same_seed_same_run(sample_dataset, tmp_path):
 def test_two_ranks_equal_one_process_with_twice_the_batch(sample_dataset, tmp_path, backend):
     sets = [*PURE, "loss.type=hinge", "train.ema_decay=0"]
     run_hpcgan(*train_args(sample_dataset, tmp_path / "one", 4, *sets, "train.batch_size=8"), check=True)
-    run_hpcgan_mpi(2, *train_args(sample_dataset, tmp_path / "two", 4, *sets, "train.batch_size=4"),
-                   "--backend", backend, check=True, timeout=240)
+    run_hpcgan_mpi(
+        2,
+        *train_args(sample_dataset, tmp_path / "two", 4, *sets, "train.batch_size=4"),
+        "--backend",
+        backend,
+        check=True,
+        timeout=240,
+    )
     assert_two_ranks_trained_like_one(tmp_path / "one", tmp_path / "two")
-    losses_one = [json.loads(l)["loss_d"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    losses_two = [json.loads(l)["loss_d"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    losses_one = [json.loads(line)["loss_d"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    losses_two = [json.loads(line)["loss_d"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
 
 
@@ -158,20 +196,28 @@ def _tensors(obj, prefix=""):
 
 @pytest.mark.mpi
 @requires_mpirun
-@pytest.mark.parametrize("loss, backend, extra", [
-    ("bce", "horovod", ["model.d_norm=batch", "loss.label_smoothing=0.1", "train.diffaugment=translation"]),
-    ("lsgan", "horovod", ["model.d_input_noise=0.1", "model.g_dropout=0.2"]),
-    ("wgan", "horovod", ["loss.n_critic=2", "loss.clip_value=0.01"]),
-    ("wgan-gp", "horovod", []),
-    ("hinge", "horovod", ["model.spectral_norm=true"]),
-    ("wgan-gp", "torch", ["train.diffaugment=color,translation"]),
-])
+@pytest.mark.parametrize(
+    "loss, backend, extra",
+    [
+        ("bce", "horovod", ["model.d_norm=batch", "loss.label_smoothing=0.1", "train.diffaugment=translation"]),
+        ("lsgan", "horovod", ["model.d_input_noise=0.1", "model.g_dropout=0.2"]),
+        ("wgan", "horovod", ["loss.n_critic=2", "loss.clip_value=0.01"]),
+        ("wgan-gp", "horovod", []),
+        ("hinge", "horovod", ["model.spectral_norm=true"]),
+        ("wgan-gp", "torch", ["train.diffaugment=color,translation"]),
+    ],
+)
 def test_replicas_stay_identical(sample_dataset, tmp_path, loss, backend, extra):
     """Rank-local randomness (noise, dropout, augmentation, penalty mix) must never make the ranks'
     weights differ: the coordinator compares a digest of every rank's weights at each checkpoint."""
     run = tmp_path / "run"
-    result = run_hpcgan_mpi(2, *train_args(sample_dataset, run, 4, f"loss.type={loss}", "checkpoint.every_steps=2",
-                                           *extra), "--backend", backend, timeout=240)
+    result = run_hpcgan_mpi(
+        2,
+        *train_args(sample_dataset, run, 4, f"loss.type={loss}", "checkpoint.every_steps=2", *extra),
+        "--backend",
+        backend,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_ckpt(run)
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
@@ -191,8 +237,7 @@ def test_replicas_stay_identical(sample_dataset, tmp_path, loss, backend, extra)
 @requires_mpirun
 def test_a_dead_rank_ends_the_job(sample_dataset, tmp_path):
     cmd = mpirun_cmd(2) + hpcgan_cmd(*train_args(sample_dataset, tmp_path / "run", 100000))
-    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         victim = _wait_for_rank(proc, 1, tmp_path / "run")
         victim.kill()
@@ -227,22 +272,30 @@ def _wait_for_rank(proc, rank, run_dir, timeout=120):
 def test_evaluation_during_training_keeps_the_best_checkpoint(sample_dataset, tmp_path):
     """eval.every_steps on rank 0 alone and shared across ranks score the same images (latent i is
     seeded by i), log them to metrics.jsonl, and the coordinator keeps the best checkpoint by SWD."""
-    sets = ["eval.every_steps=2", "eval.metrics=[swd,intensity,memorization]", "eval.num_images=16",
-            "checkpoint.every_steps=2", "checkpoint.keep=1", "checkpoint.best_metric=swd"]
+    sets = [
+        "eval.every_steps=2",
+        "eval.metrics=[swd,intensity,memorization]",
+        "eval.num_images=16",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=1",
+        "checkpoint.best_metric=swd",
+    ]
     evals = {}
     for shared in ("false", "true"):
         run = tmp_path / shared
         run_hpcgan_mpi(2, *train_args(sample_dataset, run, 6, *sets, f"eval.shared={shared}"), check=True, timeout=240)
-        lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-        evals[shared] = {l["step"]: l["eval"] for l in lines if "eval" in l}
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals[shared] = {line["step"]: line["eval"] for line in lines if "eval" in line}
         assert sorted(evals[shared]) == [2, 4, 6]
         swd = {step: e["swd"]["value"] for step, e in evals[shared].items()}
         best = min(swd, key=swd.get)
         assert (run / "checkpoints" / "best").read_text().strip() == f"ckpt-{best:08d}.pt"
-        assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == sorted({f"ckpt-{best:08d}.pt",
-                                                                                         "ckpt-00000006.pt"})
+        assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == sorted(
+            {f"ckpt-{best:08d}.pt", "ckpt-00000006.pt"}
+        )
         assert all(e["swd"]["baseline"] > 0 and e["memorization"]["value"] is not None for e in evals[shared].values())
     for step in (2, 4, 6):
         for metric in ("swd", "intensity", "memorization"):
-            assert evals["true"][step][metric]["value"] == pytest.approx(evals["false"][step][metric]["value"],
-                                                                         rel=1e-4, abs=1e-6), (step, metric)
+            assert evals["true"][step][metric]["value"] == pytest.approx(
+                evals["false"][step][metric]["value"], rel=1e-4, abs=1e-6
+            ), (step, metric)

@@ -3,6 +3,7 @@ rates (optim.lr_g, optim.lr_d, optim.scale_lr), time-based checkpoints (checkpoi
 fp16 gradient compression (train.fp16_allreduce), conditional training (train.labels=mask), bf16
 mixed precision (train.amp=bf16), and the replica check that ends a job whose ranks' weights drift
 apart."""
+
 import json
 
 import numpy as np
@@ -24,8 +25,16 @@ STEPS = 3
 # A model without batch statistics or noise (PURE) and one G step per D step, so that runs differ
 # only by the option under test.
 BASE = [*PURE, "loss.type=hinge", "loss.n_critic=1"]
-OPTIONS = [*BASE, "optim.scale_lr=true", f"optim.lr_g={LR_G}", f"optim.lr_d={LR_D}", "train.labels=mask",
-           "model.num_classes=2", "checkpoint.every_minutes=0.00001", "checkpoint.keep=10"]
+OPTIONS = [
+    *BASE,
+    "optim.scale_lr=true",
+    f"optim.lr_g={LR_G}",
+    f"optim.lr_d={LR_D}",
+    "train.labels=mask",
+    "model.num_classes=2",
+    "checkpoint.every_minutes=0.00001",
+    "checkpoint.keep=10",
+]
 
 
 def initial_networks(ckpt):
@@ -38,8 +47,11 @@ def initial_networks(ckpt):
 def updates(ckpt):
     """{(network, parameter name): weights in `ckpt` minus the initial weights}."""
     G0, D0 = initial_networks(ckpt)
-    return {(name, key): ckpt[name][key] - w0.detach()
-            for name, net0 in (("G", G0), ("D", D0)) for key, w0 in net0.named_parameters()}
+    return {
+        (name, key): ckpt[name][key] - w0.detach()
+        for name, net0 in (("G", G0), ("D", D0))
+        for key, w0 in net0.named_parameters()
+    }
 
 
 def assert_close_but_not_identical(reference, other, min_agreement):
@@ -63,8 +75,14 @@ def two_rank_runs(sample_dataset, tmp_path_factory):
     runs = {}
     for compression in ("false", "true"):
         run = tmp_path_factory.mktemp(f"fp16-allreduce-{compression}") / "run"
-        run_hpcgan_mpi(2, *train_args(sample_dataset, run, STEPS, *OPTIONS, f"train.fp16_allreduce={compression}"),
-                       "--backend", "horovod", check=True, timeout=240)
+        run_hpcgan_mpi(
+            2,
+            *train_args(sample_dataset, run, STEPS, *OPTIONS, f"train.fp16_allreduce={compression}"),
+            "--backend",
+            "horovod",
+            check=True,
+            timeout=240,
+        )
         runs[compression] = run
     return runs
 
@@ -97,7 +115,10 @@ def test_every_minutes_writes_checkpoints_by_the_clock(two_rank_runs):
 @requires_mpirun
 def test_fp16_allreduce_is_close_to_the_fp32_allreduce_but_not_identical(two_rank_runs):
     plain, compressed = load_ckpt(two_rank_runs["false"]), load_ckpt(two_rank_runs["true"])
-    assert (plain["config"]["train"]["fp16_allreduce"], compressed["config"]["train"]["fp16_allreduce"]) == (False, True)
+    assert (plain["config"]["train"]["fp16_allreduce"], compressed["config"]["train"]["fp16_allreduce"]) == (
+        False,
+        True,
+    )
     assert_close_but_not_identical(plain, compressed, min_agreement=0.75)
 
 
@@ -113,8 +134,22 @@ def test_mask_labels_train_a_conditional_generator_that_sample_labels_drive(two_
         if key == "embed.weight":  # each class's row took Adam's first step (at most lr per element)
             lr = 2 * (LR_G if name == "G" else LR_D)
             assert all(0.1 * lr < moved <= 1.001 * lr for moved in update.abs().amax(dim=1).tolist()), name
-    run_hpcgan("sample", "--checkpoint", run, "--out", tmp_path / "s", "--stack-size", 6, "--format", "h5",
-               "--labels", "0,1", "--seed", 4, check=True)
+    run_hpcgan(
+        "sample",
+        "--checkpoint",
+        run,
+        "--out",
+        tmp_path / "s",
+        "--stack-size",
+        6,
+        "--format",
+        "h5",
+        "--labels",
+        "0,1",
+        "--seed",
+        4,
+        check=True,
+    )
     stack = read_stack_h5(tmp_path / "s" / "stack-00000.h5")
     assert json.loads(read_stack_attrs(tmp_path / "s" / "stack-00000.h5")["labels"]) == [0, 1]
     ckpt = run / "checkpoints" / "ckpt-{:08d}.pt".format(STEPS)
@@ -138,8 +173,9 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_training(sample_dataset, t
 @requires_mpirun
 def test_ranks_whose_weights_drift_apart_end_the_job(sample_dataset, tmp_path):
     run = tmp_path / "run"
-    result = run_python_mpi(2, REPO / "tests" / "mpi_scripts" / "drifting_rank.py",
-                            *train_args(sample_dataset, run, 2), timeout=120)
+    result = run_python_mpi(
+        2, REPO / "tests" / "mpi_scripts" / "drifting_rank.py", *train_args(sample_dataset, run, 2), timeout=120
+    )
     assert result.returncode != 0
     assert "step 2: the ranks' weights have drifted apart" in result.stderr, result.stderr[-3000:]
     assert not list((run / "checkpoints").glob("ckpt-*.pt"))

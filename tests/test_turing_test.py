@@ -1,5 +1,6 @@
 """The visual Turing test (hpcgan.turing_test): its statistics, the session `make` writes (blind, no PHI),
 the reader page in a real headless Chromium, scoring and the report section."""
+
 import json
 import re
 import shutil
@@ -17,7 +18,7 @@ from hpcgan.data import read_slices
 from hpcgan.networks import ModelConfig, build_generator
 from hpcgan.stacks import read_stack_h5, to_uint8, write_stack_h5
 from hpcgan.turing_test import binomial_test, clopper_pearson, fleiss_kappa, reading_stats
-from conftest import run_hpcgan, write_phi_laden_copy
+from conftest import SAMPLE_DATASET_OPTIONS, run_hpcgan, write_phi_laden_copy
 
 SECRETS = (b"SECRET", b"PATIENT_DIR", b"colin27", b"mni152")
 NUM, READERS = 40, 2
@@ -38,22 +39,40 @@ def test_binomial_test_and_clopper_pearson_match_scipy():
 
 def test_fleiss_kappa_of_the_worked_example():
     # Fleiss (1971) as worked on Wikipedia: 10 items, 14 raters, 5 categories, kappa = 0.210.
-    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
-              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    counts = [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
     assert fleiss_kappa(counts) == pytest.approx(0.20993, abs=1e-5)
     assert fleiss_kappa([[2, 0], [0, 2], [2, 0]]) == pytest.approx(1.0)  # full agreement
     assert fleiss_kappa([[2, 0], [2, 0]]) is None  # one category only: kappa is undefined
 
 
 def test_reading_stats_sensitivity_specificity_and_confidence():
-    readings = [("synthetic", "synthetic", 5), ("synthetic", "real", 2), ("synthetic", "synthetic", 5),
-                ("real", "real", 4), ("real", "synthetic", 2), ("real", "synthetic", 2)]
+    readings = [
+        ("synthetic", "synthetic", 5),
+        ("synthetic", "real", 2),
+        ("synthetic", "synthetic", 5),
+        ("real", "real", 4),
+        ("real", "synthetic", 2),
+        ("real", "synthetic", 2),
+    ]
     got = reading_stats(readings)
     assert (got["n"], got["correct"], got["accuracy"]) == (6, 3, 0.5)
     assert got["sensitivity"] == pytest.approx(2 / 3) and got["specificity"] == pytest.approx(1 / 3)
-    assert got["by_confidence"] == {"2": {"n": 3, "correct": 0, "accuracy": 0.0},
-                                    "4": {"n": 1, "correct": 1, "accuracy": 1.0},
-                                    "5": {"n": 2, "correct": 2, "accuracy": 1.0}}
+    assert got["by_confidence"] == {
+        "2": {"n": 3, "correct": 0, "accuracy": 0.0},
+        "4": {"n": 1, "correct": 1, "accuracy": 1.0},
+        "5": {"n": 2, "correct": 2, "accuracy": 1.0},
+    }
     assert got["p_value"] == 1.0
 
 
@@ -67,9 +86,16 @@ def phi_dataset(sample_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("turing")
     source = write_phi_laden_copy(sample_data, root / "PATIENT_DIR_Doe")
     out = root / "dataset"
-    run_hpcgan("preprocess", "--input", source, "--output", out, "--modalities", "t1", "--mask", "seg",
-               "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64", "--val-fraction", "0.5",
-               check=True, timeout=300)
+    run_hpcgan(
+        "preprocess",
+        "--input",
+        source,
+        "--output",
+        out,
+        *SAMPLE_DATASET_OPTIONS,
+        check=True,
+        timeout=300,
+    )
     return out
 
 
@@ -83,16 +109,42 @@ def samples(tmp_path_factory) -> Path:
     writer = CheckpointWriter(root / "run" / "checkpoints")
     writer.submit({"config": {"model": to_dict(model)}, "step": 1, "G": G.state_dict()}, 1)
     writer.close()
-    run_hpcgan("sample", "--checkpoint", root / "run", "--out", root / "samples", "--stack-size", 30,
-               "--format", "h5", "--no-ema", check=True)
+    run_hpcgan(
+        "sample",
+        "--checkpoint",
+        root / "run",
+        "--out",
+        root / "samples",
+        "--stack-size",
+        30,
+        "--format",
+        "h5",
+        "--no-ema",
+        check=True,
+    )
     return root / "samples"
 
 
 @pytest.fixture(scope="module")
 def session(phi_dataset, samples) -> dict:
     out = phi_dataset.parent / "session"
-    result = run_hpcgan("turing-test", "make", "--data", phi_dataset, "--samples", samples, "--out", out,
-                        "--num", NUM, "--seed", 3, "--readers", READERS, check=True)
+    result = run_hpcgan(
+        "turing-test",
+        "make",
+        "--data",
+        phi_dataset,
+        "--samples",
+        samples,
+        "--out",
+        out,
+        "--num",
+        NUM,
+        "--seed",
+        3,
+        "--readers",
+        READERS,
+        check=True,
+    )
     key = json.loads(Path(f"{out}.key.json").read_text())
     return {"dir": out, "key": key, "result": result}
 
@@ -107,8 +159,8 @@ def png_chunks(path) -> list:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     chunks, at = [], 8
     while at < len(data):
-        length = int.from_bytes(data[at:at + 4], "big")
-        chunks.append(data[at + 4:at + 8].decode("ascii"))
+        length = int.from_bytes(data[at : at + 4], "big")
+        chunks.append(data[at + 4 : at + 8].decode("ascii"))
         at += 12 + length
     return chunks
 
@@ -130,7 +182,7 @@ def test_session_is_blind_and_holds_no_phi(session, phi_dataset, samples):
         with Image.open(path) as im:
             assert im.info == {} and not im.getexif() and im.size == (64, 64) and im.mode == "L"
     by_name = sorted(truth)
-    assert 0 < [truth[n] for n in by_name[:NUM // 2]].count("real") < NUM // 2  # name order is not class order
+    assert 0 < [truth[n] for n in by_name[: NUM // 2]].count("real") < NUM // 2  # name order is not class order
 
     # The page holds the orders, nothing else; each reader's order is its own, and mixes the classes.
     data = page_data(out)
@@ -140,7 +192,7 @@ def test_session_is_blind_and_holds_no_phi(session, phi_dataset, samples):
     assert [r["id"] for r in data["readers"]] == ["R1", "R2"] and orders[0] != orders[1]
     for order in orders:
         assert sorted(order) == by_name
-        assert 0 < [truth[n] for n in order[:NUM // 2]].count("real") < NUM // 2
+        assert 0 < [truth[n] for n in order[: NUM // 2]].count("real") < NUM // 2
     assert data["session"] == key["session"]
 
     # Same rendering for both kinds, and the key is right: each picture is a rendered dataset
@@ -173,11 +225,17 @@ def chromium_driver(download_dir: Path, profile_dir: Path):
         pytest.skip("no chromium/chromedriver (Debian: apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--user-data-dir={profile_dir}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--user-data-dir={profile_dir}",
+    ):
         options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
+    )
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
@@ -202,7 +260,11 @@ def read_by_keyboard(driver, answer_for, limit: int | None = None):
     while driver.find_element(By.ID, "reading").is_displayed() and answered != limit:
         name = driver.find_element(By.ID, "image").get_attribute("src").rsplit("/", 1)[-1]
         WebDriverWait(driver, 10, poll_frequency=0.05).until(  # the image file loaded from the folder
-            lambda d: d.execute_script("const i = document.getElementById('image'); return i.complete && i.naturalWidth") == 64)
+            lambda d: (
+                d.execute_script("const i = document.getElementById('image'); return i.complete && i.naturalWidth")
+                == 64
+            )
+        )
         body.send_keys(*answer_for(name))
         answered += 1
 
@@ -239,7 +301,9 @@ def test_oracle_and_random_readers_in_a_browser_then_score_and_report(session, t
 
         start_reading(driver, "R1")
         # A wrong answer to the first image, Backspace, and the right one: the last answer counts.
-        read_by_keyboard(driver, lambda name: ("r" if truth[name] == "synthetic" else "s", "1", Keys.BACKSPACE), limit=1)
+        read_by_keyboard(
+            driver, lambda name: ("r" if truth[name] == "synthetic" else "s", "1", Keys.BACKSPACE), limit=1
+        )
         assert driver.find_element(By.ID, "progress").text == f"Image 1 of {NUM}"
         read_by_keyboard(driver, oracle, limit=15)
         driver.refresh()  # a pause: the page forgets nothing
@@ -277,8 +341,10 @@ def test_oracle_and_random_readers_in_a_browser_then_score_and_report(session, t
     r1, r2 = scores["readers"]["R1"], scores["readers"]["R2"]
     assert (r1["n"], r1["accuracy"], r1["sensitivity"], r1["specificity"]) == (NUM, 1.0, 1.0, 1.0)
     assert r1["p_value"] < 1e-6 and r1["ci95"][0] > 0.9
-    assert r1["by_confidence"] == {"4": {"n": 20, "correct": 20, "accuracy": 1.0},
-                                   "5": {"n": 20, "correct": 20, "accuracy": 1.0}}
+    assert r1["by_confidence"] == {
+        "4": {"n": 20, "correct": 20, "accuracy": 1.0},
+        "5": {"n": 20, "correct": 20, "accuracy": 1.0},
+    }
     assert (r2["n"], r2["correct"], r2["p_value"]) == (NUM, NUM // 2, 1.0) and r2["ci95"][0] < 0.5 < r2["ci95"][1]
     assert scores["pooled"]["n"] == 2 * NUM and scores["fleiss_kappa"]["images"] == NUM
     assert -1 <= scores["fleiss_kappa"]["value"] < 0.5
@@ -300,9 +366,20 @@ def test_score_of_exported_answers_and_the_report_section(session, tmp_path, cap
     paths = []
     for reader, answer_of in (("R1", lambda truth: "real"), ("R2", lambda truth: truth)):
         paths.append(tmp_path / f"answers-{reader}.json")
-        paths[-1].write_text(json.dumps({
-            "format": "hpcgan-turing-answers", "version": 1, "session": key["session"], "reader": reader,
-            "answers": [{"image": name, "answer": answer_of(truth), "confidence": 3} for name, truth in key["truth"].items()]}))
+        paths[-1].write_text(
+            json.dumps(
+                {
+                    "format": "hpcgan-turing-answers",
+                    "version": 1,
+                    "session": key["session"],
+                    "reader": reader,
+                    "answers": [
+                        {"image": name, "answer": answer_of(truth), "confidence": 3}
+                        for name, truth in key["truth"].items()
+                    ],
+                }
+            )
+        )
     assert cli_in_process(["turing-test", "score", str(out), *map(str, paths)]) == 0
     scores = json.loads(Path(f"{out}.scores.json").read_text())  # the default place, beside the session
     r1 = scores["readers"]["R1"]
@@ -319,11 +396,17 @@ def test_score_of_exported_answers_and_the_report_section(session, tmp_path, cap
 # ---------------------------------------------------------------- bad input
 
 
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(session, phi_dataset, samples, tmp_path, capsys,
-                                                         cli_in_process):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    session, phi_dataset, samples, tmp_path, capsys, cli_in_process
+):
     out, key = session["dir"], session["key"]
-    good = {"format": "hpcgan-turing-answers", "version": 1, "session": key["session"], "reader": "R1",
-            "answers": [{"image": name, "answer": "real", "confidence": 3} for name in sorted(key["truth"])]}
+    good = {
+        "format": "hpcgan-turing-answers",
+        "version": 1,
+        "session": key["session"],
+        "reader": "R1",
+        "answers": [{"image": name, "answer": "real", "confidence": 3} for name in sorted(key["truth"])],
+    }
     files = {}
     for name, content in {
         "other-session.json": json.dumps({**good, "session": "0" * 32}),
@@ -346,10 +429,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(session, phi_dataset, s
     score = ["turing-test", "score", str(out), "--out", str(scores)]
     cases = [
         (make + ["--num", "100"], "the val split has 48 slices; --num 100 with --fake-fraction 0.5 needs 50 real"),
-        (make + ["--num", "40", "--fake-fraction", "0.9"], "30 generated images; --num 40 with --fake-fraction 0.9 needs 36"),
+        (
+            make + ["--num", "40", "--fake-fraction", "0.9"],
+            "30 generated images; --num 40 with --fake-fraction 0.9 needs 36",
+        ),
         (make[:-1] + [str(out)], "exists and is not an empty folder"),
         (make + ["--fake-fraction", "1"], "--fake-fraction: must be between 0 and 1"),
-        (make[:5] + [str(small)] + make[6:] + ["--num", "20"], "generated images are [1, 32, 32], the dataset's are [1, 64, 64]"),
+        (
+            make[:5] + [str(small)] + make[6:] + ["--num", "20"],
+            "generated images are [1, 32, 32], the dataset's are [1, 64, 64]",
+        ),
         (score + [str(files["other-session.json"])], "an answer file of another session (00000000)"),
         (score + [str(files["malformed.json"])], "malformed.json: unreadable answer file (JSONDecodeError"),
         (score + [str(files["not-answers.json"])], "not-answers.json: not an answer file of hpcgan turing-test"),
@@ -357,8 +446,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(session, phi_dataset, s
         (score + [str(files["bad-answer.json"])], "answer 1 is 'fake', not one of real, synthetic"),
         (score + [str(files["bad-confidence.json"])], "answer 1 has confidence 9, not 1 to 5"),
         (score + [str(files["good.json"]), str(files["good.json"])], "a second answer file of reader R1"),
-        (score + ["--key", str(files["good.json"]), str(files["good.json"])], "good.json: not an answer key of hpcgan turing-test"),
-        (score + ["--key", str(files["other-key.json"]), str(files["good.json"])], "an answer key of another session (11111111)"),
+        (
+            score + ["--key", str(files["good.json"]), str(files["good.json"])],
+            "good.json: not an answer key of hpcgan turing-test",
+        ),
+        (
+            score + ["--key", str(files["other-key.json"]), str(files["good.json"])],
+            "an answer key of another session (11111111)",
+        ),
         (score + [str(tmp_path / "missing.json")], "missing.json: no such file"),
     ]
     before = sorted(p.name for p in tmp_path.iterdir())

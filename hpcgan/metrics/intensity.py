@@ -3,6 +3,7 @@
 
 Background is -1 after preprocessing; a generator only gets close, so "background" is every
 pixel at or below BACKGROUND (about 6 grey levels of 255 above black)."""
+
 import numpy as np
 
 from hpcgan.parallel.group import ONE_PROCESS
@@ -20,7 +21,7 @@ def histogram(images, group=ONE_PROCESS) -> np.ndarray:
     units = range(0, len(images), IMAGES_PER_UNIT)
 
     def unit(i):
-        values = np.asarray(images[units[i]:units[i] + IMAGES_PER_UNIT], np.float32).ravel()
+        values = np.asarray(images[units[i] : units[i] + IMAGES_PER_UNIT], np.float32).ravel()
         values = values[values > BACKGROUND]
         return np.histogram(np.clip(values, BACKGROUND, 1.0), bins=BINS, range=(BACKGROUND, 1.0))[0]
 
@@ -43,9 +44,14 @@ def foreground_fraction(counts: np.ndarray, images) -> float:
 def compute(fake, train, val, group=ONE_PROCESS, **_):
     """value: W1(generated, train); baseline: W1(val, train)."""
     h_fake, h_train = histogram(fake, group), histogram(train, group)
-    out = {"value": wasserstein1(h_fake, h_train), "baseline": None,
-           "foreground_fraction": {"generated": foreground_fraction(h_fake, fake),
-                                   "train": foreground_fraction(h_train, train)}}
+    out = {
+        "value": wasserstein1(h_fake, h_train),
+        "baseline": None,
+        "foreground_fraction": {
+            "generated": foreground_fraction(h_fake, fake),
+            "train": foreground_fraction(h_train, train),
+        },
+    }
     if out["value"] is None:
         out["note"] = "no foreground pixels in the generated or the training images"
     if val is not None and len(val):

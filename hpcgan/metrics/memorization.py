@@ -2,11 +2,13 @@
 
 For each generated image, its nearest training image by RMS pixel distance between
 fingerprints (the images average-pooled to at most 32 px a side, for speed), minimised over
-every shift of the generated image by up to two pixels (so a shifted copy is still a copy). The same for each validation image
-gives the distances of real *new* images to the training set; a generated image closer than
-the 1st percentile of those is flagged. value = fraction flagged (≈ 0.01 for images as new as
-validation ones); the set is flagged when more than TOLERANCE are. SSIM of each nearest pair is
-reported beside. The worst pairs can be written as side-by-side PNGs (generated | training)."""
+every shift of the generated image by up to two pixels (so a shifted copy is still a copy). The
+same for each validation image gives the distances of real *new* images to the training set; a
+generated image closer than the 1st percentile of those is flagged. value = fraction flagged
+(≈ 0.01 for images as new as validation ones); the set is flagged when more than TOLERANCE are.
+SSIM of each nearest pair is reported beside. The worst pairs can be written as side-by-side PNGs
+(generated | training)."""
+
 import os
 
 import numpy as np
@@ -37,7 +39,7 @@ def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     m = MAX_SHIFT
     padded = F.pad(x, (m, m, m, m), value=-1.0)
     h, w = x.shape[-2:]
-    return padded[:, :, m - dy:m - dy + h, m - dx:m - dx + w]
+    return padded[:, :, m - dy : m - dy + h, m - dx : m - dx + w]
 
 
 def nearest(query: torch.Tensor, reference: torch.Tensor):
@@ -63,7 +65,7 @@ def nearest_training(images, train, train_fp, group=ONE_PROCESS):
     units = range(0, len(images), IMAGES_PER_UNIT)
 
     def unit(i):
-        chunk = images[units[i]:units[i] + IMAGES_PER_UNIT]
+        chunk = images[units[i] : units[i] + IMAGES_PER_UNIT]
         idx, dist = nearest(torch.as_tensor(chunk), train_fp)
         return idx, dist, ssim(chunk, train[idx])
 
@@ -92,13 +94,26 @@ def compute(fake, train, val, group=ONE_PROCESS, worst_dir=None, **_):
     threshold = float(np.percentile(v_dist, PERCENTILE))
     value = float(np.mean(f_dist < threshold))
     order = np.argsort(f_dist, kind="stable")[:NUM_WORST]
-    worst = [{"generated": int(i), "train": int(f_idx[i]), "distance": float(f_dist[i]), "ssim": float(f_ssim[i]),
-              "png": f"worst-{k:03d}.png"} for k, i in enumerate(order)]
+    worst = [
+        {
+            "generated": int(i),
+            "train": int(f_idx[i]),
+            "distance": float(f_dist[i]),
+            "ssim": float(f_ssim[i]),
+            "png": f"worst-{k:03d}.png",
+        }
+        for k, i in enumerate(order)
+    ]
     if worst_dir is not None and group.is_root:
         write_worst_pairs(fake, train, worst, worst_dir)
     flagged = value > TOLERANCE
-    return {"value": value, "baseline": float(np.mean(v_dist < threshold)), "threshold": threshold,
-            "flagged": bool(flagged), "verdict": "memorisation" if flagged else "ok",
-            "distance": {"generated_median": float(np.median(f_dist)), "val_median": float(np.median(v_dist))},
-            "ssim": {"generated_max": float(f_ssim.max()), "val_max": float(v_ssim.max())},
-            "worst": worst}
+    return {
+        "value": value,
+        "baseline": float(np.mean(v_dist < threshold)),
+        "threshold": threshold,
+        "flagged": bool(flagged),
+        "verdict": "memorisation" if flagged else "ok",
+        "distance": {"generated_median": float(np.median(f_dist)), "val_median": float(np.median(v_dist))},
+        "ssim": {"generated_max": float(f_ssim.max()), "val_max": float(v_ssim.max())},
+        "worst": worst,
+    }

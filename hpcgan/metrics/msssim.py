@@ -6,6 +6,7 @@ Scales adapted to small images: Wang et al. (2003) use 5 scales and an 11×11 Ga
 (σ 1.5), which needs images of at least 176 px. Smaller images use a 7×7 window and as many of
 the 5 scales as keep the coarsest one at least a window wide (64² → 4 scales: 64, 32, 16, 8),
 with the standard scale weights of those scales renormalised to sum to 1."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ COLLAPSE_FRACTION = 0.5
 def gaussian_window(size: int, sigma: float = 1.5) -> torch.Tensor:
     """1-D Gaussian taps (size,), summing to 1; the 2-D window is their outer product (separable)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return (g / g.sum()).float()
 
 
@@ -45,7 +46,7 @@ def window_size(height: int, width: int) -> int:
 def num_scales(height: int, width: int) -> int:
     win = window_size(height, width)
     scales = 1
-    while scales < len(MS_WEIGHTS) and min(height, width) // 2 ** scales >= win:
+    while scales < len(MS_WEIGHTS) and min(height, width) // 2**scales >= win:
         scales += 1
     return scales
 
@@ -60,11 +61,11 @@ def ssim_terms(x: torch.Tensor, y: torch.Tensor, win: int):
     mu_x, mu_y, xx, yy, xy = maps.unbind(0)
 
     c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
-    var_x = xx - mu_x ** 2
-    var_y = yy - mu_y ** 2
+    var_x = xx - mu_x**2
+    var_y = yy - mu_y**2
     cov = xy - mu_x * mu_y
     cs = (2 * cov + c2) / (var_x + var_y + c2)
-    ssim = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs
+    ssim = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
     return ssim.mean(dim=(1, 2, 3)), cs.mean(dim=(1, 2, 3))
 
 
@@ -109,7 +110,7 @@ def mean_pair_ms_ssim(images, seed: int = 0, num_pairs: int = NUM_PAIRS, group=O
     units = range(0, len(pairs), PAIRS_PER_UNIT)
 
     def unit(i):
-        p = pairs[units[i]:units[i] + PAIRS_PER_UNIT]
+        p = pairs[units[i] : units[i] + PAIRS_PER_UNIT]
         return ms_ssim(images[p[:, 0]], images[p[:, 1]])
 
     return float(np.concatenate(map_units(group, len(units), unit)).mean())
@@ -123,7 +124,12 @@ def compute(fake, train, val, seed=0, group=ONE_PROCESS, **_):
     baseline = mean_pair_ms_ssim(train, seed, group=group)
     collapse = value - baseline > COLLAPSE_FRACTION * (1.0 - baseline)
     h, w = fake.shape[-2:]
-    return {"value": value, "baseline": baseline, "collapse": bool(collapse),
-            "verdict": "mode collapse" if collapse else "ok",
-            "scales": num_scales(h, w), "window": window_size(h, w),
-            "pairs": len(image_pairs(len(fake), NUM_PAIRS, seed))}
+    return {
+        "value": value,
+        "baseline": baseline,
+        "collapse": bool(collapse),
+        "verdict": "mode collapse" if collapse else "ok",
+        "scales": num_scales(h, w),
+        "window": window_size(h, w),
+        "pairs": len(image_pairs(len(fake), NUM_PAIRS, seed)),
+    }

@@ -8,6 +8,7 @@ real descriptor sets is the sliced Wasserstein distance over 4 × 128 random uni
 One deliberate difference from ProGAN: both sets are normalised with the *training* set's
 per-channel mean and standard deviation (ProGAN normalises each set by its own, which hides a
 global change of brightness or contrast)."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def descriptors(images, seed: int, which: int, group=ONE_PROCESS) -> list:
     units = range(0, len(images), IMAGES_PER_UNIT)
 
     def unit(u):
-        levels = laplacian_pyramid(images[units[u]:units[u] + IMAGES_PER_UNIT])
+        levels = laplacian_pyramid(images[units[u] : units[u] + IMAGES_PER_UNIT])
         return [patch_descriptors(level, np.random.default_rng([seed, which, u, i])) for i, level in enumerate(levels)]
 
     parts = map_units(group, len(units), unit)
@@ -129,15 +130,27 @@ def compute(fake, train, val, seed=0, group=ONE_PROCESS, **_):
         level, repeat = units[i]
         dirs = directions(sets["train"][level].shape[1], seed, level, repeat)
         real = sorted_projections(sets["train"][level], dirs)
-        return {name: sliced_wasserstein(sorted_projections(sets[name][level], dirs), real)
-                for name in sets if name != "train"}
+        return {
+            name: sliced_wasserstein(sorted_projections(sets[name][level], dirs), real)
+            for name in sets
+            if name != "train"
+        }
 
     results = map_units(group, len(units), unit)
-    per_level = {name: [SCALE * float(np.mean([results[i][name] for i, u in enumerate(units) if u[0] == level]))
-                        for level in range(num_levels)] for name in results[0]}
-    resolutions = [int(train.shape[-1]) // 2 ** level for level in range(num_levels)]
-    out = {"value": float(np.mean(per_level["fake"])), "baseline": None, "levels": per_level["fake"],
-           "resolutions": resolutions}
+    per_level = {
+        name: [
+            SCALE * float(np.mean([results[i][name] for i, u in enumerate(units) if u[0] == level]))
+            for level in range(num_levels)
+        ]
+        for name in results[0]
+    }
+    resolutions = [int(train.shape[-1]) // 2**level for level in range(num_levels)]
+    out = {
+        "value": float(np.mean(per_level["fake"])),
+        "baseline": None,
+        "levels": per_level["fake"],
+        "resolutions": resolutions,
+    }
     if "val" in per_level:
         out["baseline"] = float(np.mean(per_level["val"]))
         out["baseline_levels"] = per_level["val"]

@@ -20,10 +20,24 @@ The modules:
   device_check   the collectives on the training device at every start (NCCL, SyncBatchNorm)
   failure        how a job fails together: abort_job, CollectiveError, lost_a_peer
 """
+
 from hpcgan.parallel.env import LaunchEnv, launch_env, slurm_ntasks
 from hpcgan.parallel.failure import PEER_FAILURE_GRACE_S, CollectiveError, abort_job, lost_a_peer
 from hpcgan.parallel.group import Group, MpiGroup, world_group
 from hpcgan.parallel.launch import BACKENDS, make_backend, mpi_comm
 
-__all__ = ["LaunchEnv", "launch_env", "slurm_ntasks", "PEER_FAILURE_GRACE_S", "CollectiveError", "abort_job",
-           "lost_a_peer", "Group", "MpiGroup", "world_group", "BACKENDS", "make_backend", "mpi_comm"]
+__all__ = [
+    "LaunchEnv",
+    "launch_env",
+    "slurm_ntasks",
+    "PEER_FAILURE_GRACE_S",
+    "CollectiveError",
+    "abort_job",
+    "lost_a_peer",
+    "Group",
+    "MpiGroup",
+    "world_group",
+    "BACKENDS",
+    "make_backend",
+    "mpi_comm",
+]

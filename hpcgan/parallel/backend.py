@@ -1,9 +1,11 @@
 """The small interface the training step sees, and the single-process implementation.
 
-A backend is a group (hpcgan.parallel.group) with more on top. It owns: which device this rank uses, gradient averaging (through `distributed_optimizer`
-and `step`), broadcasts of parameters and optimizer state, metric averaging, and object exchange.
-Objects travel as `torch.save` bytes and are read back with `weights_only=True`, so nothing
-received from another rank is unpickled as code."""
+A backend is a group (hpcgan.parallel.group) with more on top. It owns: which device this rank
+uses, gradient averaging (through `distributed_optimizer` and `step`), broadcasts of parameters
+and optimizer state, metric averaging, and object exchange. Objects travel as `torch.save` bytes
+and are read back with `weights_only=True`, so nothing received from another rank is unpickled as
+code."""
+
 import contextlib
 import io
 import time
@@ -127,8 +129,11 @@ class Backend(Group):
         """name → the mean over ranks of each floating-point buffer of `module` (batch-norm running
         statistics), as new tensors: the module keeps its own."""
         with torch.no_grad():
-            return {name: self.allreduce_(buffer.clone(), "mean")
-                    for name, buffer in module.named_buffers() if buffer.is_floating_point()}
+            return {
+                name: self.allreduce_(buffer.clone(), "mean")
+                for name, buffer in module.named_buffers()
+                if buffer.is_floating_point()
+            }
 
     def broadcast_object(self, obj=None, root: int = 0):
         """`obj` (tensors and plain data) from `root` to every rank."""
@@ -167,5 +172,10 @@ class Backend(Group):
         return module
 
     def describe(self) -> dict:
-        return {"backend": self.name, "world_size": self.world_size, "rank": self.rank,
-                "local_rank": self.local_rank, "device": str(self.device)}
+        return {
+            "backend": self.name,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "device": str(self.device),
+        }

@@ -5,6 +5,7 @@ hang in the first collective on the GPU, which would otherwise be step 1 of a jo
 the queue. Here it is one allreduce and one broadcast of a tensor on `backend.device` (and, with
 SyncBatchNorm on, one forward of a converted BatchNorm2d), under a watchdog: a hang ends the job
 after `timeout_s` with a line that says what was being checked."""
+
 import os
 import sys
 import threading
@@ -51,14 +52,18 @@ def _sync_batchnorm_forward(backend, device, rank, world):
     mean = bn[0].running_mean.cpu()
     expected = (world - 1) / 2
     if not torch.allclose(mean, torch.full_like(mean, expected)):
-        raise HpcganError(f"device check: SyncBatchNorm on {device} gave a batch mean of {mean.tolist()} on rank "
-                          f"{rank}, expected {expected:g} (the statistics were not synchronised)")
+        raise HpcganError(
+            f"device check: SyncBatchNorm on {device} gave a batch mean of {mean.tolist()} on rank "
+            f"{rank}, expected {expected:g} (the statistics were not synchronised)"
+        )
 
 
 def _stalled(what, timeout_s, rank):
     command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "hpcgan"
-    sys.stderr.write(f"{command}: error: device check: {what} did not finish within {timeout_s:g} s on rank {rank}: "
-                     "a rank cannot reach the others over this transport (NCCL: check NCCL_SOCKET_IFNAME, "
-                     "NCCL_DEBUG=INFO; two ranks on one GPU?)\n")
+    sys.stderr.write(
+        f"{command}: error: device check: {what} did not finish within {timeout_s:g} s on rank {rank}: "
+        "a rank cannot reach the others over this transport (NCCL: check NCCL_SOCKET_IFNAME, "
+        "NCCL_DEBUG=INFO; two ranks on one GPU?)\n"
+    )
     sys.stderr.flush()
     os._exit(1)  # the main thread is stuck inside the collective; the launcher ends the other ranks

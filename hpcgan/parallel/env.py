@@ -3,6 +3,7 @@
 Read before any MPI or Horovod initialisation so that logging and config validation can
 run (and fail) on every rank before the first collective.
 """
+
 import os
 import re
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ def local_world_size(environ=None) -> tuple[int, str] | None:
     """(ranks on this node that share this process's view of the GPUs, the variable that says so),
     or None when the launcher does not tell."""
     env = os.environ if environ is None else environ
-    keys = ("LOCAL_WORLD_SIZE",) if started_by_torchrun(env) else (
-        "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "HOROVOD_LOCAL_SIZE")
+    keys = (
+        ("LOCAL_WORLD_SIZE",)
+        if started_by_torchrun(env)
+        else ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "HOROVOD_LOCAL_SIZE")
+    )
     for key in keys:
         if env.get(key, "").isdigit():
             return int(env[key]), key
@@ -144,26 +148,36 @@ def use_cuda(preference: str, cuda_version: str | None, visible_gpus: int, envir
     allocated = slurm_gpus(env)
     if visible_gpus == 0:
         if preference == "cuda":
-            raise UsageError(f"--device cuda: torch sees no CUDA device on this node ({visible_env}, torch "
-                             f"CUDA build: {cuda_version or 'none'})")
+            raise UsageError(
+                f"--device cuda: torch sees no CUDA device on this node ({visible_env}, torch "
+                f"CUDA build: {cuda_version or 'none'})"
+            )
         if cuda_version and allocated:
-            raise UsageError(f"--device auto: Slurm allocated GPUs ({allocated}) but torch (CUDA {cuda_version}) "
-                             f"sees none ({visible_env}): check the node's driver (nvidia-smi) and, in a container, "
-                             "apptainer --nv; or pass --device cpu")
+            raise UsageError(
+                f"--device auto: Slurm allocated GPUs ({allocated}) but torch (CUDA {cuda_version}) "
+                f"sees none ({visible_env}): check the node's driver (nvidia-smi) and, in a container, "
+                "apptainer --nv; or pass --device cpu"
+            )
         if cuda_version:
-            raise UsageError(f"--device auto: torch is a CUDA {cuda_version} build but sees no GPU ({visible_env}): "
-                             "request GPUs (sbatch --gpus-per-task=1) or pass --device cpu to train on the CPU")
+            raise UsageError(
+                f"--device auto: torch is a CUDA {cuda_version} build but sees no GPU ({visible_env}): "
+                "request GPUs (sbatch --gpus-per-task=1) or pass --device cpu to train on the CPU"
+            )
         if allocated:
-            raise UsageError(f"--device auto: Slurm allocated GPUs ({allocated}) but this torch is built without "
-                             "CUDA: install a CUDA build of torch, or pass --device cpu")
+            raise UsageError(
+                f"--device auto: Slurm allocated GPUs ({allocated}) but this torch is built without "
+                "CUDA: install a CUDA build of torch, or pass --device cpu"
+            )
         return False
     local = local_world_size(env)
     if local is not None and local[0] > visible_gpus:
         ranks, key = local
         if not _gpus_bound_per_task(env, ranks):
-            raise UsageError(f"{ranks} ranks on this node ({key}={ranks}) but each sees {visible_gpus} GPU(s) "
-                             f"({visible_env}): ranks would share a GPU (NCCL \"Duplicate GPU\"); start at most "
-                             f"{visible_gpus} rank(s) per node, or give each its own (srun --gpus-per-task=1)")
+            raise UsageError(
+                f"{ranks} ranks on this node ({key}={ranks}) but each sees {visible_gpus} GPU(s) "
+                f'({visible_env}): ranks would share a GPU (NCCL "Duplicate GPU"); start at most '
+                f"{visible_gpus} rank(s) per node, or give each its own (srun --gpus-per-task=1)"
+            )
     return True
 
 

@@ -1,5 +1,6 @@
 """How a job fails together: one rank's error line, then every rank ended (MPI abort), and the other
 ranks' failing collectives recognised as consequences so that they stay quiet."""
+
 import os
 import sys
 

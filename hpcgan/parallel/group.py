@@ -1,4 +1,5 @@
 """Group, the one model of a job's ranks (see the package docstring), and its MPI implementation."""
+
 import time
 
 from hpcgan.errors import HpcganError
@@ -78,10 +79,12 @@ def world_group() -> Group:
         return ONE_PROCESS
     comm = mpi_comm()
     if comm is None:
-        raise HpcganError(f"the launcher started {expected} processes but mpi4py is not installed: "
-                          "install it, or run one process")
+        raise HpcganError(
+            f"the launcher started {expected} processes but mpi4py is not installed: install it, or run one process"
+        )
     if comm.Get_size() != expected:
         raise HpcganError(
             f"MPI sees a world of {comm.Get_size()} processes but the launcher started {expected}: start the "
-            "ranks with mpirun, or under Slurm with `srun --mpi=pmix` and an MPI built with PMIx support")
+            "ranks with mpirun, or under Slurm with `srun --mpi=pmix` and an MPI built with PMIx support"
+        )
     return MpiGroup(comm)

@@ -3,6 +3,7 @@
 The GAN pitfalls (../shared/NOTES.md) handled here: one DistributedOptimizer per network with
 prefixed parameter names (no DUPLICATE_NAME_ERROR), fp16 compression as an option, and the AMP
 order synchronize → unscale → skip_synchronize → step (in Backend.step)."""
+
 import os
 
 import torch
@@ -24,8 +25,9 @@ class HorovodBackend(Backend):
         try:
             import horovod.torch as hvd
         except ImportError as exc:
-            raise HpcganError(f"Horovod with PyTorch is not available ({exc}): run `make setup`, "
-                              "or train with --backend torch") from None
+            raise HpcganError(
+                f"Horovod with PyTorch is not available ({exc}): run `make setup`, or train with --backend torch"
+            ) from None
         hvd.init()
         self.hvd = hvd
         self.rank, self.world_size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
@@ -53,8 +55,12 @@ class HorovodBackend(Backend):
         # (prescale 1/size, postscale 1): summing first overflows fp16's 65504 with AMP-scaled gradients.
         compression = self.hvd.Compression.fp16 if self.fp16_allreduce else self.hvd.Compression.none
         return self.hvd.DistributedOptimizer(
-            optimizer, named_parameters=module.named_parameters(prefix=prefix), compression=compression,
-            op=self.hvd.Average, gradient_predivide_factor=float(self.world_size) if self.fp16_allreduce else 1.0)
+            optimizer,
+            named_parameters=module.named_parameters(prefix=prefix),
+            compression=compression,
+            op=self.hvd.Average,
+            gradient_predivide_factor=float(self.world_size) if self.fp16_allreduce else 1.0,
+        )
 
     def synchronize(self, optimizer):
         optimizer.synchronize()
@@ -69,8 +75,13 @@ class HorovodBackend(Backend):
         """Replace BatchNorm2d by hvd.SyncBatchNorm (GPU only), keeping parameters and statistics."""
         for name, child in module.named_children():
             if isinstance(child, torch.nn.BatchNorm2d):
-                sync = self.hvd.SyncBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum,
-                                              affine=child.affine, track_running_stats=child.track_running_stats)
+                sync = self.hvd.SyncBatchNorm(
+                    child.num_features,
+                    eps=child.eps,
+                    momentum=child.momentum,
+                    affine=child.affine,
+                    track_running_stats=child.track_running_stats,
+                )
                 sync.load_state_dict(child.state_dict())
                 setattr(module, name, sync.to(child.weight.device if child.affine else self.device))
             else:

@@ -1,9 +1,11 @@
 """Starting the distributed side of a command: MPI (with the settings it needs before it starts) and
 the training backend, with the checks that every rank sees the world and the GPUs the launcher made."""
+
 import os
 
 from hpcgan.errors import HpcganError, UsageError
 from hpcgan.parallel.env import launch_env, slurm_ntasks
+
 
 def yield_when_idle():
     """Call before MPI starts. Open MPI busy-polls while it waits; Horovod's background thread waits
@@ -26,8 +28,9 @@ def mpi_comm():
 BACKENDS = ("auto", "horovod", "torch", "none")
 
 
-def make_backend(name: str = "auto", device: str = "auto", fp16_allreduce: bool = False,
-                 collective_timeout_s: float = 1800.0):
+def make_backend(
+    name: str = "auto", device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0
+):
     """Start the backend for this job and check that every rank sees the world the launcher made."""
     env = launch_env()
     if name == "auto":
@@ -58,5 +61,6 @@ def make_backend(name: str = "auto", device: str = "auto", fp16_allreduce: bool 
         raise HpcganError(
             f"{name} backend sees a world of {backend.world_size} processes but the launcher started {expected}: "
             "MPI was not initialised through the launcher (under Slurm use `srun --mpi=pmix` with an MPI built "
-            "with PMIx/Slurm support, or mpirun inside the allocation)")
+            "with PMIx/Slurm support, or mpirun inside the allocation)"
+        )
     return backend

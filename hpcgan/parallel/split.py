@@ -3,6 +3,7 @@
 Unit i runs on rank i % world_size and every rank gets all results back in unit order, so
 a caller that combines them in order gets the same numbers on 1 or N ranks (each unit is
 computed exactly as a single process would compute it)."""
+
 from hpcgan.parallel.group import Group
 
 

@@ -3,6 +3,7 @@
 The rendezvous comes from the job itself, so the same `mpirun`/`srun` lines that start Horovod
 start this backend: MASTER_ADDR/MASTER_PORT if set (torchrun), else rank 0 picks a free port and
 tells the others through MPI."""
+
 import contextlib
 import gc
 import os
@@ -34,9 +35,13 @@ def rendezvous_address(world_size: int) -> tuple[str, int]:
 
     comm = mpi_comm()
     if comm is None or comm.Get_size() != world_size:
-        raise HpcganError("torch backend: no MASTER_ADDR/MASTER_PORT and no MPI world of "
-                          f"{world_size} processes to agree on them (launch with mpirun, srun --mpi=pmix or torchrun)")
-    mine = (os.environ.get("HPCGAN_MASTER_ADDR") or socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+        raise HpcganError(
+            "torch backend: no MASTER_ADDR/MASTER_PORT and no MPI world of "
+            f"{world_size} processes to agree on them (launch with mpirun, srun --mpi=pmix or torchrun)"
+        )
+    mine = (
+        (os.environ.get("HPCGAN_MASTER_ADDR") or socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+    )
     return comm.bcast(mine, root=0)
 
 
@@ -50,8 +55,13 @@ class TorchBackend(Backend):
         self.device = pick_device(self.local_rank, device)
         addr, port = rendezvous_address(self.world_size)
         kind = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(kind, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                world_size=self.world_size, timeout=timedelta(seconds=collective_timeout_s))
+        dist.init_process_group(
+            kind,
+            init_method=f"tcp://{addr}:{port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
         # Objects and metrics live on the CPU; NCCL only takes CUDA tensors.
         self.cpu_group = dist.new_group(backend="gloo") if kind == "nccl" else None
 
@@ -66,8 +76,9 @@ class TorchBackend(Backend):
             yield
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CollectiveError(f"torch.distributed {name} failed, another rank has stopped or cannot be "
-                                  f"reached ({reason})") from exc
+            raise CollectiveError(
+                f"torch.distributed {name} failed, another rank has stopped or cannot be reached ({reason})"
+            ) from exc
 
     def allreduce_(self, tensor, op="mean"):
         with self._collective("all_reduce"):
@@ -120,7 +131,7 @@ class TorchBackend(Backend):
             n = g.numel()
             if p.grad is None:
                 p.grad = g
-            p.grad.copy_(flat[offset: offset + n].view_as(g))
+            p.grad.copy_(flat[offset : offset + n].view_as(g))
             offset += n
 
     def convert_sync_batchnorm(self, module):

@@ -15,6 +15,7 @@ example:
       --mask seg --slices 60:108 --size 256 --shards 8
   mpirun -np 4 hpcgan preprocess --config preprocess.yaml
 """
+
 import os
 import time
 
@@ -28,6 +29,7 @@ from hpcgan.preprocess.shards import record_path, shard_is_finished, write_shard
 from hpcgan.progress import progress_bar
 
 __all__ = ["add_arguments", "run"]  # what hpcgan.cli calls; the flags come from PreprocessConfig
+
 
 def _raise_everywhere(rank: int, error):
     """Raise the same failure on every rank; only rank 0 prints it (others exit quietly)."""
@@ -56,16 +58,23 @@ def run(args):
     if error:
         _raise_everywhere(rank, error)
     train = [s for s in plan["shards"] if s["split"] == "train"]
-    log.info("%d subjects (%d train, %d val) in %d shards on %d rank(s); field of view %.1f mm -> %.3f mm pixels",
-             len(plan["subjects"]), sum(len(s["subjects"]) for s in train),
-             sum(len(s["subjects"]) for s in plan["shards"]) - sum(len(s["subjects"]) for s in train),
-             len(plan["shards"]), world, plan["fov_mm"], plan["fov_mm"] / cfg.size)
+    log.info(
+        "%d subjects (%d train, %d val) in %d shards on %d rank(s); field of view %.1f mm -> %.3f mm pixels",
+        len(plan["subjects"]),
+        sum(len(s["subjects"]) for s in train),
+        sum(len(s["subjects"]) for s in plan["shards"]) - sum(len(s["subjects"]) for s in train),
+        len(plan["shards"]),
+        world,
+        plan["fov_mm"],
+        plan["fov_mm"] / cfg.size,
+    )
 
     mine = shards_of_rank(plan["shards"], rank, world)  # each rank writes whole shards
     records, written, kept, error = [], [], [], None
     start, slices_done = time.perf_counter(), [0]
     desc = "preprocess" if world == 1 else f"preprocess (rank 0's share of {world})"
     with progress_bar(sum(len(s["subjects"]) for s in mine), desc, "subjects", enabled=rank == 0) as bar:
+
         def progress(n_slices):
             slices_done[0] += n_slices
             bar.update(1)
@@ -86,8 +95,14 @@ def run(args):
                 break
 
     # Per-rank load (benchmarks/preprocess.py reads this line): CPU seconds since the process started.
-    log.debug("rank %d: wrote %d shard(s), %d slices in %.2f s; process CPU %.2f s", rank, len(written),
-              slices_done[0], time.perf_counter() - start, time.process_time())
+    log.debug(
+        "rank %d: wrote %d shard(s), %d slices in %.2f s; process CPU %.2f s",
+        rank,
+        len(written),
+        slices_done[0],
+        time.perf_counter() - start,
+        time.process_time(),
+    )
     group.barrier()  # a rank that finished its shards sleeps until the others have too
     errors = group.gather_object(error)
     failed = next((e for e in errors if e), None)
@@ -110,8 +125,14 @@ def run(args):
         write_json_atomic(os.path.join(cfg.output, "manifest.json"), manifest)
         elapsed = time.perf_counter() - start
         total = manifest["splits"]["train"]["slices"] + manifest["splits"]["val"]["slices"]
-        log.info("wrote %d slices (%d train, %d val) of %d subjects in %.1f s; %d skipped; manifest.json last",
-                 total, manifest["splits"]["train"]["slices"], manifest["splits"]["val"]["slices"],
-                 len(manifest["subjects"]), elapsed, len(manifest["skipped"]))
+        log.info(
+            "wrote %d slices (%d train, %d val) of %d subjects in %.1f s; %d skipped; manifest.json last",
+            total,
+            manifest["splits"]["train"]["slices"],
+            manifest["splits"]["val"]["slices"],
+            len(manifest["subjects"]),
+            elapsed,
+            len(manifest["skipped"]),
+        )
     group.barrier()
     return 0

@@ -3,6 +3,7 @@ help text, checked in `__post_init__`; the command-line flags are generated from
 
 Sources, later ones winning: the defaults here < a YAML file (--config; keys with dashes or
 underscores) < flags given on the command line."""
+
 import argparse
 import dataclasses
 import os
@@ -30,31 +31,39 @@ class PreprocessConfig:
     input: str = option("", "input directory (searched recursively) or a quoted glob", default_help="")
     output: str = option("", "dataset directory to write (created if needed)", default_help="")
     modalities: list[str] = option(  # noqa: RUF009
-        ["t1"], "comma-separated modalities, stacked as channels in this order")
+        ["t1"], "comma-separated modalities, stacked as channels in this order"
+    )
     mask: str | None = option(None, "modality holding a segmentation/mask, stored as `masks`", default_help="none")
-    slices: str | None = option(None, "axial slice range START:STOP after reorientation to RAS, e.g. 60:108",
-                                default_help="all slices passing --min-brain-fraction")
+    slices: str | None = option(
+        None,
+        "axial slice range START:STOP after reorientation to RAS, e.g. 60:108",
+        default_help="all slices passing --min-brain-fraction",
+    )
     min_brain_fraction: float = option(0.1, "keep slices with at least this fraction of non-zero voxels")
     size: int = option(256, "output size in pixels, 32..512, power of two")
-    channels: int | None = option(None, "output channels: 3 replicates a single modality",
-                                  default_help="one per modality")
+    channels: int | None = option(
+        None, "output channels: 3 replicates a single modality", default_help="one per modality"
+    )
     norm: Literal["percentile", "zscore", "ct-window"] = option("percentile", "intensity normalisation")
     percentiles: list[float] = option(  # noqa: RUF009
-        [0.5, 99.5], "LOW,HIGH percentiles of non-zero voxels mapped to -1,+1")
+        [0.5, 99.5], "LOW,HIGH percentiles of non-zero voxels mapped to -1,+1"
+    )
     zscore_clip: float = option(3.0, "z-score: +-this many standard deviations map to +-1")
     ct_level: float = option(40.0, "CT window level in HU")
     ct_width: float = option(80.0, "CT window width in HU")
     volume_index: int | None = option(None, "which volume of 4-D images to use", default_help="refuse 4-D")
-    shards: int = option(8, "training shards; validation gets shards x val-fraction, at least 1; "
-                            "never more shards than subjects")
+    shards: int = option(
+        8, "training shards; validation gets shards x val-fraction, at least 1; never more shards than subjects"
+    )
     val_fraction: float = option(0.1, "fraction of subjects held out for validation")
     seed: int = option(0, "seed of the train/val split")
     dtype: Literal["float16", "uint8"] = option("float16", "stored pixel type")
     compression: Literal["none", "lzf", "gzip"] = option("none", "HDF5 compression (slows random reads in training)")
     chunk_slices: int = option(32, "HDF5 chunk length along N")
     pseudonymize: bool = option(False, "store salted hashes instead of subject names (needs --salt-file)")
-    salt_file: str | None = option(None, "private file with the pseudonymisation salt; created if missing",
-                                   default_help="")
+    salt_file: str | None = option(
+        None, "private file with the pseudonymisation salt; created if missing", default_help=""
+    )
     skip_bad: bool = option(False, "skip bad subjects (listed in the manifest's `skipped`) instead of stopping")
     overwrite: bool = option(False, "replace an existing dataset in --output")
 
@@ -87,8 +96,10 @@ class PreprocessConfig:
         if self.volume_index is not None and self.volume_index < 0:
             raise ValueError("'volume_index' must be >= 0")
         if self.pseudonymize and not self.salt_file:
-            raise ValueError("'pseudonymize' needs 'salt_file' (--salt-file FILE: a private file holding the salt, "
-                             "created if missing; keep it outside the dataset)")
+            raise ValueError(
+                "'pseudonymize' needs 'salt_file' (--salt-file FILE: a private file holding the salt, "
+                "created if missing; keep it outside the dataset)"
+            )
 
     @property
     def num_channels(self) -> int:

@@ -1,6 +1,7 @@
 """The dataset's manifest.json, written by rank 0 after every shard: what the dataset holds
 (shape, splits, shards with checksums, subjects with their slices and source files, skipped
 subjects) and how it was made. `hpcgan.data` reads it back."""
+
 import numpy as np
 
 from hpcgan import __version__
@@ -24,8 +25,11 @@ def build_manifest(cfg, plan: dict, records: list) -> dict:
     splits = {}
     for split in ("train", "val"):
         mine = [r for r in records if r["split"] == split]
-        splits[split] = {"slices": sum(r["slices"] for r in mine), "shards": [r["name"] for r in mine],
-                         "subjects": sum(len(r["subjects"]) for r in mine)}
+        splits[split] = {
+            "slices": sum(r["slices"] for r in mine),
+            "shards": [r["name"] for r in mine],
+            "subjects": sum(len(r["subjects"]) for r in mine),
+        }
     per_modality = {}
     for modality in cfg.modalities:
         los = [s["intensity"][modality][0] for s in subjects.values()]
@@ -50,8 +54,11 @@ def build_manifest(cfg, plan: dict, records: list) -> dict:
         "splits": splits,
         # Subjects in the order the shard holds them: a record read back from disk (a kept shard)
         # has its keys sorted, so the order comes from the plan, the same for a fresh and a resumed run.
-        "shards": [{k: r[k] for k in ("name", "split", "slices", "sha256")} |
-                   {"subjects": [sid for sid in order[r["name"]] if sid in r["subjects"]]} for r in records],
+        "shards": [
+            {k: r[k] for k in ("name", "split", "slices", "sha256")}
+            | {"subjects": [sid for sid in order[r["name"]] if sid in r["subjects"]]}
+            for r in records
+        ],
         "subjects": dict(sorted(subjects.items())),
         "skipped": skipped,
     }

@@ -5,6 +5,7 @@ folder, or picked by a glob; symlinked folders are followed. A bad volume raises
 reason that names the file by the label its caller gives (its base name, or its role such as "t1
 volume" when names are pseudonymised): input paths never reach logs, shards or the manifest.
 """
+
 import fnmatch
 import hashlib
 import os
@@ -95,7 +96,7 @@ def expand_glob(pattern: str) -> list:
 
     expand(os.sep if absolute else os.curdir, 0)
     here = os.curdir + os.sep
-    return [m[len(here):] if not absolute and m.startswith(here) else m for m in matches]
+    return [m[len(here) :] if not absolute and m.startswith(here) else m for m in matches]
 
 
 def list_input_files(input_spec: str) -> list:
@@ -177,8 +178,12 @@ def read_header(subject: str, path: str, name: str, volume_index=None) -> Header
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise BadInput(subject, f"{name}: invalid affine (not finite or singular)")
     slope, inter = image.header.get_slope_inter()
-    byte_labels = image.get_data_dtype().kind in "iu" and image.get_data_dtype().itemsize == 1 and \
-        slope in (None, 1.0) and inter in (None, 0.0)
+    byte_labels = (
+        image.get_data_dtype().kind in "iu"
+        and image.get_data_dtype().itemsize == 1
+        and slope in (None, 1.0)
+        and inter in (None, 0.0)
+    )
     return Header(shape[:3], np.asarray(affine, dtype=np.float64), volumes, byte_labels)
 
 
@@ -188,8 +193,11 @@ def check_same_grid(subject: str, headers: dict):
     first_mod, first = items[0]
     for modality, header in items[1:]:
         if header.shape != first.shape:
-            raise BadInput(subject, f"{modality} has shape {'x'.join(map(str, header.shape))} but {first_mod} has "
-                                    f"{'x'.join(map(str, first.shape))}")
+            raise BadInput(
+                subject,
+                f"{modality} has shape {'x'.join(map(str, header.shape))} but {first_mod} has "
+                f"{'x'.join(map(str, first.shape))}",
+            )
         if not np.allclose(header.affine, first.affine, atol=1e-3):
             raise BadInput(subject, f"{modality} and {first_mod} have different affines (not in the same space)")
 

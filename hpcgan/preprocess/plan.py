@@ -2,6 +2,7 @@
 (headers checked), their train/val split, which subjects go into which shard, the field of view,
 and the fingerprint that says whether an earlier run's shards may be kept. Also prepares the
 output directory (refuse another config's dataset, --overwrite, leftovers of a killed run)."""
+
 import hashlib
 import os
 import secrets
@@ -81,8 +82,9 @@ def split_subjects(ids: list, val_fraction: float, seed: int) -> dict:
 def assign_shards(split_ids: list, n_shards: int, split: str) -> list:
     """Subjects → shards round-robin in a fixed order: independent of the number of ranks."""
     count = min(n_shards, len(split_ids))
-    return [{"name": shard_name(split, j, count), "split": split, "subjects": split_ids[j::count]}
-            for j in range(count)]
+    return [
+        {"name": shard_name(split, j, count), "split": split, "subjects": split_ids[j::count]} for j in range(count)
+    ]
 
 
 def shards_of_rank(shards: list, rank: int, world_size: int) -> list:
@@ -106,8 +108,9 @@ def make_plan(cfg: PreprocessConfig) -> dict:
     wanted = list(cfg.modalities) + ([cfg.mask] if cfg.mask else [])
     subjects = group_by_subject(list_input_files(cfg.input), wanted)
     if not subjects:
-        raise UsageError(f"--input: no NIfTI volumes named <subject>_<modality>.nii[.gz] for modalities "
-                         f"{', '.join(wanted)}")
+        raise UsageError(
+            f"--input: no NIfTI volumes named <subject>_<modality>.nii[.gz] for modalities {', '.join(wanted)}"
+        )
     salt = read_salt(cfg.salt_file) if cfg.pseudonymize else ""
     skipped, good, grids, byte_labels = [], {}, {}, True
     for name, subject in subjects.items():
@@ -117,15 +120,21 @@ def make_plan(cfg: PreprocessConfig) -> dict:
                 raise BadInput(sid, f"subject id longer than {SUBJECT_ID_BYTES} bytes")
             missing = [m for m in wanted if m not in subject.files]
             if missing:
-                raise BadInput(sid, f"missing modality {', '.join(missing)} "
-                                    f"(found: {', '.join(sorted(subject.files))})")
+                raise BadInput(
+                    sid, f"missing modality {', '.join(missing)} (found: {', '.join(sorted(subject.files))})"
+                )
             if subject.duplicates:
                 m, others = min(subject.duplicates.items())
                 paths = [subject.files[m], *others]
-                raise BadInput(sid, f"{len(paths)} files for modality {m}" +
-                               ("" if cfg.pseudonymize else f" ({', '.join(map(os.path.basename, paths))})"))
-            headers = {m: read_header(sid, subject.files[m], file_label(cfg, m, subject.files[m]), cfg.volume_index)
-                       for m in wanted}
+                raise BadInput(
+                    sid,
+                    f"{len(paths)} files for modality {m}"
+                    + ("" if cfg.pseudonymize else f" ({', '.join(map(os.path.basename, paths))})"),
+                )
+            headers = {
+                m: read_header(sid, subject.files[m], file_label(cfg, m, subject.files[m]), cfg.volume_index)
+                for m in wanted
+            }
             check_same_grid(sid, headers)
         except BadInput as exc:
             if not cfg.skip_bad:
@@ -182,8 +191,9 @@ def prepare_output(cfg: PreprocessConfig, out: str, fp: str):
             old = None
         old = old.get("fingerprint") if isinstance(old, dict) else None
         if old != fp and not cfg.overwrite:
-            raise UsageError(f"{out}: holds a dataset made with a different config or input; "
-                             "pass --overwrite to replace it")
+            raise UsageError(
+                f"{out}: holds a dataset made with a different config or input; pass --overwrite to replace it"
+            )
         for name in ours:
             path = os.path.join(out, name)
             if cfg.overwrite or (name.startswith(".") and name != PARTS_DIR):

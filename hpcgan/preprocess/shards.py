@@ -2,6 +2,7 @@
 `masks` (N, H, W), attributes with the normalisation parameters. A shard is written under a
 temporary name and renamed when complete (hpcgan.io.atomic_path); then its record (subjects,
 slices, checksum) goes to .parts/, where a re-run finds the shards it may keep."""
+
 import json
 import os
 import re
@@ -34,25 +35,46 @@ class ShardWriter:
     """Append whole subjects to an open HDF5 file. Datasets grow along N; the byte layout
     depends only on what is appended, in which order, so any rank writes the same file."""
 
-    def __init__(self, path, channels: int, size: int, dtype: str, mask_dtype: str | None, compression: str,
-                 chunk_slices: int, attrs: dict):
+    def __init__(
+        self,
+        path,
+        channels: int,
+        size: int,
+        dtype: str,
+        mask_dtype: str | None,
+        compression: str,
+        chunk_slices: int,
+        attrs: dict,
+    ):
         self.output = HDF5Output(path, track_order=False)  # a full disk fails cleanly (see HDF5Output)
         self.file = self.output.file
         options = {"compression": None if compression == "none" else compression, "track_times": False}
         if compression == "gzip":
             options["compression_opts"] = 4
         self.images = self.file.create_dataset(
-            "images", shape=(0, channels, size, size), maxshape=(None, channels, size, size), dtype=dtype,
-            chunks=(chunk_slices, channels, size, size), **options)
+            "images",
+            shape=(0, channels, size, size),
+            maxshape=(None, channels, size, size),
+            dtype=dtype,
+            chunks=(chunk_slices, channels, size, size),
+            **options,
+        )
         self.masks = None
         if mask_dtype:
             self.masks = self.file.create_dataset(
-                "masks", shape=(0, size, size), maxshape=(None, size, size), dtype=mask_dtype,
-                chunks=(chunk_slices, size, size), **options)
-        self.subject = self.file.create_dataset("subject", shape=(0,), maxshape=(None,),
-                                                dtype=f"S{SUBJECT_ID_BYTES}", chunks=(1024,), track_times=False)
-        self.slice_index = self.file.create_dataset("slice_index", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                                    chunks=(1024,), track_times=False)
+                "masks",
+                shape=(0, size, size),
+                maxshape=(None, size, size),
+                dtype=mask_dtype,
+                chunks=(chunk_slices, size, size),
+                **options,
+            )
+        self.subject = self.file.create_dataset(
+            "subject", shape=(0,), maxshape=(None,), dtype=f"S{SUBJECT_ID_BYTES}", chunks=(1024,), track_times=False
+        )
+        self.slice_index = self.file.create_dataset(
+            "slice_index", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,), track_times=False
+        )
         for key, value in attrs.items():
             self.file.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         self.count = 0
@@ -98,22 +120,40 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
     record. `progress(n_slices)` is called once per subject. Returns the record."""
     out = cfg.output
     log = get_logger("preprocess")
-    attrs = {"format": DATASET_FORMAT, "format_version": DATASET_FORMAT_VERSION, "split": shard["split"],
-             "modalities": list(cfg.modalities), "norm": cfg.norm,
-             "norm_params": {"percentiles": cfg.percentiles, "zscore_clip": cfg.zscore_clip,
-                             "ct_level": cfg.ct_level, "ct_width": cfg.ct_width},
-             "pixel_spacing_mm": [plan["fov_mm"] / cfg.size] * 2}
+    attrs = {
+        "format": DATASET_FORMAT,
+        "format_version": DATASET_FORMAT_VERSION,
+        "split": shard["split"],
+        "modalities": list(cfg.modalities),
+        "norm": cfg.norm,
+        "norm_params": {
+            "percentiles": cfg.percentiles,
+            "zscore_clip": cfg.zscore_clip,
+            "ct_level": cfg.ct_level,
+            "ct_width": cfg.ct_width,
+        },
+        "pixel_spacing_mm": [plan["fov_mm"] / cfg.size] * 2,
+    }
     subjects, skipped = {}, []
     path = os.path.join(out, shard["name"])
     with atomic_path(path) as tmp:
-        writer = ShardWriter(tmp, cfg.num_channels, cfg.size, cfg.dtype, plan["mask_dtype"] if cfg.mask else None,
-                             cfg.compression, cfg.chunk_slices, attrs)
+        writer = ShardWriter(
+            tmp,
+            cfg.num_channels,
+            cfg.size,
+            cfg.dtype,
+            plan["mask_dtype"] if cfg.mask else None,
+            cfg.compression,
+            cfg.chunk_slices,
+            attrs,
+        )
         try:
             for sid in shard["subjects"]:
                 files = plan["subjects"][sid]["files"]
                 try:
                     indices, images, masks, ranges, digests = process_subject(
-                        cfg, sid, files, plan["fov_mm"], plan["mask_dtype"])
+                        cfg, sid, files, plan["fov_mm"], plan["mask_dtype"]
+                    )
                 except BadInput as exc:
                     if not cfg.skip_bad:
                         raise
@@ -122,14 +162,25 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
                     progress(0)
                     continue
                 writer.append(sid, indices, images, masks)
-                subjects[sid] = {"split": shard["split"], "shard": shard["name"], "slices": len(indices),
-                                 "slice_indices": [int(i) for i in indices], "intensity": ranges,
-                                 "files": source_files(cfg, sid, files, digests)}
+                subjects[sid] = {
+                    "split": shard["split"],
+                    "shard": shard["name"],
+                    "slices": len(indices),
+                    "slice_indices": [int(i) for i in indices],
+                    "intensity": ranges,
+                    "files": source_files(cfg, sid, files, digests),
+                }
                 progress(len(indices))
         finally:
             writer.close({"intensity": {sid: s["intensity"] for sid, s in subjects.items()}})
-    record = {"fingerprint": plan["fingerprint"], "name": shard["name"], "split": shard["split"],
-              "slices": sum(s["slices"] for s in subjects.values()), "sha256": sha256_file(path),
-              "subjects": subjects, "skipped": skipped}
+    record = {
+        "fingerprint": plan["fingerprint"],
+        "name": shard["name"],
+        "split": shard["split"],
+        "slices": sum(s["slices"] for s in subjects.values()),
+        "sha256": sha256_file(path),
+        "subjects": subjects,
+        "skipped": skipped,
+    }
     write_json_atomic(record_path(out, shard["name"]), record)
     return record

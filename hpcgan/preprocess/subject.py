@@ -1,5 +1,6 @@
 """One subject's volumes → encoded axial slices: the chain of pure functions in
 `hpcgan.preprocess.transforms`, run by whichever rank writes the subject's shard."""
+
 import os
 
 import numpy as np
@@ -23,7 +24,7 @@ def source_files(cfg: PreprocessConfig, sid: str, files: dict, digests: dict) ->
     for modality, path in sorted(files.items()):
         name = os.path.basename(path)
         if cfg.pseudonymize:
-            name = f"{sid}_{modality}{name[len(nifti_stem(path)):]}"
+            name = f"{sid}_{modality}{name[len(nifti_stem(path)) :]}"
         out[modality] = {"file": name, "sha256": digests[modality]}
     return out
 
@@ -41,8 +42,9 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
     (S, C, size, size), masks (S, size, size) or None, {modality: [lo, hi]}, {modality: sha256})."""
     volumes, digests, spacing = [], {}, None
     for modality in cfg.modalities:
-        data, affine, digests[modality] = load_volume(sid, files[modality], file_label(cfg, modality, files[modality]),
-                                                      cfg.volume_index)
+        data, affine, digests[modality] = load_volume(
+            sid, files[modality], file_label(cfg, modality, files[modality]), cfg.volume_index
+        )
         data, affine = T.reorient_to_ras(data, affine)
         volumes.append((modality, data))
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
@@ -58,19 +60,24 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
 
     encoded = np.empty((len(indices), cfg.num_channels, cfg.size, cfg.size), dtype=cfg.dtype)
     for start in range(0, len(indices), BLOCK_SLICES):
-        block = indices[start:start + BLOCK_SLICES]
-        channels = [T.pad_and_resize(T.normalise(T.axial_view(T.axial_slab(data, block)), *ranges[m], not ct),
-                                     padding, cfg.size) for m, data in volumes]
+        block = indices[start : start + BLOCK_SLICES]
+        channels = [
+            T.pad_and_resize(
+                T.normalise(T.axial_view(T.axial_slab(data, block)), *ranges[m], not ct), padding, cfg.size
+            )
+            for m, data in volumes
+        ]
         images = channels[0][:, None] if len(channels) == 1 else np.stack(channels, axis=1)
         images = T.replicate_channels(images, cfg.num_channels)
-        encoded[start:start + len(block)] = T.encode(images, cfg.dtype)
+        encoded[start : start + len(block)] = T.encode(images, cfg.dtype)
     del volumes
 
     masks = None
     if cfg.mask:
         mask_label = file_label(cfg, cfg.mask, files[cfg.mask])
-        data, affine, digests[cfg.mask] = load_volume(sid, files[cfg.mask], mask_label, cfg.volume_index,
-                                                      allow_all_zero=True)
+        data, affine, digests[cfg.mask] = load_volume(
+            sid, files[cfg.mask], mask_label, cfg.volume_index, allow_all_zero=True
+        )
         data, _ = T.reorient_to_ras(data, affine)
         labels = T.axial_view(T.axial_slab(data, indices))
         limit = np.iinfo(mask_dtype).max

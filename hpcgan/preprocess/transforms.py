@@ -5,6 +5,7 @@ slices as a view oriented for display → normalise to [-1, 1] → pad to a squa
 mm and resize with anti-aliasing (one step) → replicate channels → encode for storage. No torch
 here: a preprocessing rank stays small in memory (numpy, nibabel, h5py only).
 """
+
 import functools
 
 import numpy as np
@@ -46,7 +47,7 @@ def axial_slab(volume: np.ndarray, indices) -> np.ndarray:
     indices are consecutive, as they usually are."""
     indices = np.asarray(indices)
     if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
-        return volume[:, :, indices[0]:indices[0] + len(indices)]
+        return volume[:, :, indices[0] : indices[0] + len(indices)]
     return volume[:, :, indices]
 
 
@@ -103,7 +104,7 @@ def resize_taps(n_padded: int, size: int, first: int, count: int):
     (o0, o1, index, taps): output rows o0..o1 are the ones those pixels reach; for tap t, output
     o0 + i takes pixel index[t, i] (local to the real pixels) with weight taps[t, i]. Taps run in
     ascending pixel order; rows with fewer taps than the longest are filled with weight 0."""
-    weights = resize_weights(n_padded, size)[:, first:first + count]
+    weights = resize_weights(n_padded, size)[:, first : first + count]
     o0, o1 = _span(weights.any(axis=1))
     nonzero = weights[o0:o1] > 0  # one run of pixels per row: the filter is a triangle
     starts = nonzero.argmax(axis=1)
@@ -226,7 +227,7 @@ def value_counts(codes: np.ndarray) -> np.ndarray:
     counts = np.zeros(1 << (8 * codes.dtype.itemsize), dtype=np.int64)
     step = max(1, (1 << 21) // max(1, codes[..., 0].size))
     for k in range(0, codes.shape[-1], step):
-        counts += np.bincount(codes[..., k:k + step].ravel(order="K"), minlength=len(counts))
+        counts += np.bincount(codes[..., k : k + step].ravel(order="K"), minlength=len(counts))
     return counts
 
 

@@ -1,5 +1,6 @@
 """Run under mpirun: exercise a backend's collectives and its gradient averaging, and write what each
 rank saw to OUT/rank-R.pt so the test can compare against a single-process computation."""
+
 import sys
 
 import torch
@@ -20,8 +21,9 @@ def model_and_batch():
 
 
 model, x, y = model_and_batch()
-optimizer = backend.distributed_optimizer(torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=1e-3),
-                                          model, prefix="m")
+optimizer = backend.distributed_optimizer(
+    torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=1e-3), model, prefix="m"
+)
 backend.broadcast_module(model)
 per_rank = x.shape[0] // world
 for _ in range(3):  # each rank sees its part of the global batch of 8

@@ -4,6 +4,7 @@ fp16     gradients of 40000 on every rank through the backend's fp16-compressed 
          40000, but a sum before the division (80000) overflows fp16 to inf. Writes OUT/rank-R.pt.
 stall    rank 1 arrives 60 s late at the device check, whose watchdog (3 s) must end rank 0.
 timeout  rank 1 arrives 60 s late at an allreduce of a backend made with a 5 s collective timeout."""
+
 import os
 import sys
 import time
@@ -22,9 +23,10 @@ if mode == "fp16":
     # d/dw of sum(w·x) is x: every rank's gradient is [40000, 3e-3 (r + 1), 1].
     model(torch.tensor([[40000.0, 3e-3 * (backend.rank + 1), 1.0]])).sum().backward()
     backend.step(optimizer)
-    torch.save({"grad": model.weight.grad.clone(),
-                "stall_shutdown": os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")},
-               os.path.join(out, f"rank-{backend.rank}.pt"))
+    torch.save(
+        {"grad": model.weight.grad.clone(), "stall_shutdown": os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")},
+        os.path.join(out, f"rank-{backend.rank}.pt"),
+    )
 elif mode == "stall":
     backend = make_backend(backend_name, device="cpu")
     if backend.rank == 1:

@@ -1,6 +1,7 @@
 """Run under `srun --mpi=pmix`: time an 8-byte and a SIZE_MIB MiB float32 sum-allreduce (after a warm-up
 that opens the connections) and check its result; rank 0 prints one JSON line with every rank's
 host, the bytes reduced, the times and whether every rank got the right sum."""
+
 import json
 import socket
 import sys
@@ -29,5 +30,15 @@ correct = bool(np.all(result == comm.size * (comm.size + 1) / 2))
 hosts = comm.gather(socket.gethostname())
 everyone_correct = comm.gather(correct)
 if comm.rank == 0:
-    print(json.dumps({"hosts": hosts, "bytes": values.nbytes, "seconds": seconds, "small_seconds": small_seconds,
-                      "correct": all(everyone_correct)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "hosts": hosts,
+                "bytes": values.nbytes,
+                "seconds": seconds,
+                "small_seconds": small_seconds,
+                "correct": all(everyone_correct),
+            }
+        ),
+        flush=True,
+    )

@@ -1,6 +1,7 @@
 """Run under mpirun with `hpcgan train` arguments: the real command, except that rank 1 nudges one
 weight after every optimizer step. Data parallelism's invariant broken on purpose: the replica check
 must stop the job at its first checkpoint."""
+
 import sys
 
 import torch

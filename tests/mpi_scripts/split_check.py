@@ -1,6 +1,7 @@
 """Run under mpirun: hpcgan.parallel.split.map_units over 10 units on world_group(); each rank writes
 OUT/rank-R.json with [unit, rank that computed it, result] for every unit, as that rank received them.
 Also checks the group's barrier, gather_object and broadcast_object."""
+
 import json
 import os
 import sys

@@ -5,10 +5,12 @@ RUN_DIR/
   config.yaml        the resolved config (no dataset path: it is a command-line argument)
   env.json           versions, backend, world size, devices
   metrics.jsonl      one JSON object per line: training {"step", "epoch", "time_s", "images_per_s",
-                     "data_wait", "allreduce_wait" (fractions of wall time), "loss_d", "loss_g", ...}; evaluation {"step", "eval": {...}}
+                     "data_wait", "allreduce_wait" (fractions of wall time), "loss_d", "loss_g", ...};
+                     evaluation {"step", "eval": {...}}
   samples/grid-00001000.png   the fixed latents rendered by G-EMA every log.sample_every_steps
   checkpoints/       ckpt-00001000.pt, checkpoints.json, latest, best (hpcgan.checkpoint)
   tb/                TensorBoard events (log.tensorboard)"""
+
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ from hpcgan.config import to_dict
 from hpcgan.io import read_jsonl, remove_temp_files, write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.metrics import METRICS
+from hpcgan.networks import eval_mode
 from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_png
 
@@ -39,17 +42,26 @@ class Coordinator:
         for directory in (self.run_dir, self.run_dir / "samples"):
             for name in remove_temp_files(directory):
                 log.info("removed %s, left by an interrupted write", name)
-        write_bytes_atomic(self.run_dir / "config.yaml",
-                           yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        write_bytes_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
         env = environment(backend_info)
         write_json_atomic(self.run_dir / "env.json", env)
-        log.info("environment: hpcgan %s, torch %s, %s backend, world %d, device %s%s", env["hpcgan"], env["torch"],
-                 env["backend"], env["world_size"], env["device"], f", GPUs {env['gpus']}" if env.get("gpus") else "")
+        log.info(
+            "environment: hpcgan %s, torch %s, %s backend, world %d, device %s%s",
+            env["hpcgan"],
+            env["torch"],
+            env["backend"],
+            env["world_size"],
+            env["device"],
+            f", GPUs {env['gpus']}" if env.get("gpus") else "",
+        )
         ck = cfg.checkpoint
         higher_is_better = METRICS[ck.best_metric].higher_is_better if cfg.eval.every_steps else False
-        self.checkpoints = CheckpointWriter(self.run_dir / "checkpoints", keep_last=ck.keep,
-                                            best_metric=ck.best_metric if cfg.eval.every_steps else None,
-                                            best_mode="max" if higher_is_better else "min")
+        self.checkpoints = CheckpointWriter(
+            self.run_dir / "checkpoints",
+            keep_last=ck.keep,
+            best_metric=ck.best_metric if cfg.eval.every_steps else None,
+            best_mode="max" if higher_is_better else "min",
+        )
         self.tb = None
         self.bar = None
         self.last_checkpoint_time = time.monotonic()
@@ -91,10 +103,14 @@ class Coordinator:
         t0, step0 = self.last_log
         elapsed = max(now - t0, 1e-9)
         self.last_log = (now, step)
-        line = {"step": step, "epoch": epoch, "time_s": round(time.time(), 3),
-                "images_per_s": round((step - step0) * global_batch / elapsed, 2),
-                **{f"{k}_wait": round(v / elapsed, 4) for k, v in waits.items()},
-                **{k: round(v, 6) for k, v in metrics.items()}}
+        line = {
+            "step": step,
+            "epoch": epoch,
+            "time_s": round(time.time(), 3),
+            "images_per_s": round((step - step0) * global_batch / elapsed, 2),
+            **{f"{k}_wait": round(v / elapsed, 4) for k, v in waits.items()},
+            **{k: round(v, 6) for k, v in metrics.items()},
+        }
         self._append(line)
         if self.tb:
             for k, v in metrics.items():
@@ -122,10 +138,8 @@ class Coordinator:
     @torch.no_grad()
     def save_grid(self, step: int, G):
         z, labels = self.grid_latents
-        was_training = G.training
-        G.eval()
-        images = G(z, labels).float().cpu().numpy()
-        G.train(was_training)
+        with eval_mode(G):
+            images = G(z, labels).float().cpu().numpy()
         nrow = max(1, int(len(images) ** 0.5))
         path = self.run_dir / "samples" / f"grid-{step:08d}.png"
         sheet = contact_sheet(images, nrow=nrow)
@@ -140,8 +154,10 @@ class Coordinator:
 
         n = self.cfg.eval.num_images
         if self.eval_reference is None:
-            self.eval_reference = (read_slices(self.dataset_dir, "train", max_items=n, seed=self.cfg.train.seed),
-                                   read_slices(self.dataset_dir, "val", max_items=n, seed=self.cfg.train.seed))
+            self.eval_reference = (
+                read_slices(self.dataset_dir, "train", max_items=n, seed=self.cfg.train.seed),
+                read_slices(self.dataset_dir, "val", max_items=n, seed=self.cfg.train.seed),
+            )
         train, val = self.eval_reference
         results = evaluate(images, train, val if len(val) else None, metrics=tuple(self.cfg.eval.metrics))
         self._append({"step": step, "eval": results})
@@ -172,8 +188,13 @@ class Coordinator:
         state = load_checkpoint(path)
         self._trim_metrics(state["step"])
         self._append({"step": state["step"], "rollback": {"count": count, "failed_step": failed_step}})
-        log.warning("rollback %d: back to %s (step %d) after step %d; continuing with the next batches and new "
-                    "latents", count, path.name, state["step"], failed_step)
+        log.warning(
+            "rollback %d: back to %s (step %d) after step %d; continuing with the next batches and new latents",
+            count,
+            path.name,
+            state["step"],
+            failed_step,
+        )
         return state
 
     def checkpoint(self, state: dict, step: int, eval_values: dict | None):
@@ -185,9 +206,15 @@ class Coordinator:
 def environment(backend_info: dict) -> dict:
     import numpy
 
-    info = {"hpcgan": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "cuda": torch.version.cuda, "platform": platform.platform(),
-            **backend_info}
+    info = {
+        "hpcgan": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        **backend_info,
+    }
     try:
         import horovod
 

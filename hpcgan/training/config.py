@@ -2,6 +2,7 @@
 
 A *step* is one discriminator update on one batch per rank; the generator is updated every
 `loss.n_critic` steps. `train.batch_size` is per rank (the reference study: 8 per GPU)."""
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -109,14 +110,11 @@ class EvalConfig:
     shared: bool = False  # split the evaluation across ranks instead of rank 0 alone
 
     def __post_init__(self):
-        from hpcgan.metrics import METRICS
+        from hpcgan.metrics import check_metric_names
 
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps: must be >= 0 (0 = off), got {self.every_steps}")
-        unknown = [m for m in self.metrics if m not in METRICS]
-        if unknown or not self.metrics:
-            raise ValueError(f"eval.metrics: unknown metric {unknown[0] if unknown else '(none)'!r} "
-                             f"(known: {', '.join(METRICS)})")
+        check_metric_names(self.metrics, "eval.metrics", ValueError)
         if self.num_images < 2:
             raise ValueError(f"eval.num_images: must be >= 2, got {self.num_images}")
 

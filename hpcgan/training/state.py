@@ -1,0 +1,194 @@
+"""Everything a training run is, in one object that saves and loads itself: the networks, their
+optimizers and fp16 gradient scalers, the position in the data, and the random streams.
+
+`TrainState.state_dict(backend)` is the checkpoint's training part and `load_state_dict` its exact
+inverse, used for --resume and for train.nonfinite=rollback alike. The checkpoint layout is written
+here and nowhere else (hpcgan.checkpoint stores it; hpcgan.train adds the config and dataset info):
+  step, epoch, batch_in_epoch, world_size, rollbacks   the position
+  G, D          the networks, batch-norm statistics averaged over ranks (what sampling uses)
+  rank_buffers  each rank's own batch-norm statistics, for an exact resume on the same world size
+  G_ema         the moving average of G (None without EMA)
+  opt_G, opt_D, scaler_G, scaler_D   optimizer and scaler states (scalers: None without fp16)
+  rng           each rank's RNG states (torch, its own CUDA device, numpy, Python)
+  replica_digest  sha256 of the weights, equal on every rank when the checkpoint was taken"""
+
+import copy
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from hpcgan.checkpoint import capture_rng_state, restore_rng_state
+from hpcgan.errors import HpcganError
+from hpcgan.log import get_logger
+from hpcgan.networks import build_discriminator, build_generator
+
+log = get_logger("train")
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    rollbacks: int = 0  # train.nonfinite=rollback: each one moves the latents to new streams
+
+
+class TrainState:
+    def __init__(self, cfg, backend):
+        """The networks seeded by train.seed (the same on every rank), SyncBatchNorm on GPUs if asked,
+        the optimizers wrapped for gradient averaging, and fp16 scalers."""
+        tc, device, world = cfg.train, backend.device, backend.world_size
+        torch.manual_seed(tc.seed)
+        G = build_generator(cfg.model).to(device)
+        D = build_discriminator(cfg.model).to(device)
+        if tc.sync_bn and device.type == "cuda":
+            G, D = backend.convert_sync_batchnorm(G), backend.convert_sync_batchnorm(D)
+        self.G, self.D = G, D
+        self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if tc.ema_decay > 0 else None
+        # What samples (grids, evaluation): G-EMA, or without EMA a copy of G that sync_buffers refreshes.
+        self.G_sampling = self.G_ema if self.G_ema is not None else copy.deepcopy(G).eval().requires_grad_(False)
+        o = cfg.optim
+        scale = world if o.scale_lr else 1
+        betas = (o.beta1, o.beta2)
+        # Each optimizer is wrapped while all its parameters require grad (Horovod hooks only those).
+        self.opt_G = backend.distributed_optimizer(
+            torch.optim.Adam(G.parameters(), (o.lr_g or o.lr) * scale, betas, weight_decay=o.weight_decay), G, "G"
+        )
+        self.opt_D = backend.distributed_optimizer(
+            torch.optim.Adam(D.parameters(), (o.lr_d or o.lr) * scale, betas, weight_decay=o.weight_decay), D, "D"
+        )
+        fp16 = tc.amp == "fp16"
+        self.scaler_G = torch.amp.GradScaler(device.type) if fp16 else None
+        self.scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
+        self.position = Position()
+        self.backend, self.batch_size = backend, tc.batch_size
+
+    def broadcast_initial(self):
+        """A fresh run: rank 0's initial weights everywhere (the seeded init already agrees; this makes
+        sure), and EMA and sampling copies that start from them."""
+        self.backend.broadcast_module(self.G)
+        self.backend.broadcast_module(self.D)
+        for copy_of_G in {id(m): m for m in (self.G_ema, self.G_sampling) if m is not None}.values():
+            copy_of_G.load_state_dict(self.G.state_dict())
+
+    # --- batch-norm statistics ----------------------------------------------------------------------
+    def sync_buffers(self) -> dict:
+        """Collective. Batch-norm statistics are per rank while training (they do not enter the
+        gradients) and each rank keeps its own, so that a resumed rank continues exactly where it was.
+        What is saved as G and D, and what samples, has their mean over ranks, identical everywhere (a
+        broadcast from rank 0 would keep only rank 0's data). Returns those {"G": ..., "D": ...} states."""
+        states = {}
+        for name, net in (("G", self.G), ("D", self.D)):
+            mean = self.backend.averaged_buffers(net)
+            states[name] = {k: mean.get(k, v) for k, v in net.state_dict().items()}
+        if self.G_ema is None:
+            self.G_sampling.load_state_dict(states["G"])
+        else:  # G-EMA takes G's statistics at every G step anyway: the mean can go in place
+            with torch.no_grad():
+                for name, buffer in self.G_ema.named_buffers():
+                    if name in states["G"]:
+                        buffer.copy_(states["G"][name])
+        return states
+
+    # --- save and load ------------------------------------------------------------------------------
+    def state_dict(self) -> dict | None:
+        """Collective: every rank calls it. The checkpoint's training entries on rank 0, None elsewhere.
+        Refuses to save replicas whose weights have drifted apart (data parallelism's invariant)."""
+        backend, pos = self.backend, self.position
+        states = self.sync_buffers()
+        gathered = backend.gather_object(
+            {
+                "rng": capture_rng_state(backend.device),
+                "replica": replica_digest(self.G, self.D),
+                "buffers": {"G": own_buffers(self.G), "D": own_buffers(self.D)},
+            }
+        )
+        digests = [g["replica"] for g in gathered]
+        if len(set(digests)) != 1:
+            raise HpcganError(
+                f"step {pos.step}: the ranks' weights have drifted apart (digests {digests}); "
+                "this is a bug or a faulty node, please report it with `hpcgan doctor` output"
+            )
+        if not backend.is_root:
+            return None
+        return {
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "batch_in_epoch": pos.batch_in_epoch,
+            "world_size": backend.world_size,
+            "rollbacks": pos.rollbacks,
+            "G": states["G"],
+            "D": states["D"],
+            "rank_buffers": [g["buffers"] for g in gathered],
+            "G_ema": self.G_ema.state_dict() if self.G_ema else None,
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "scaler_G": self.scaler_G.state_dict() if self.scaler_G else None,
+            "scaler_D": self.scaler_D.state_dict() if self.scaler_D else None,
+            "rng": [g["rng"] for g in gathered],
+            "replica_digest": digests[0],
+        }
+
+    def load_state_dict(self, state: dict, batches_per_epoch: int):
+        """The exact inverse of state_dict on the same world size. On another world size (or batch) the
+        data position is rescaled to the samples already seen, and ranks beyond the old world keep fresh
+        random streams and the mean batch-norm statistics."""
+        backend, pos = self.backend, self.position
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(state["G_ema"] if state.get("G_ema") is not None else state["G"])
+        else:
+            self.G_sampling.load_state_dict(state["G"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        for scaler, key in ((self.scaler_G, "scaler_G"), (self.scaler_D, "scaler_D")):
+            if scaler is not None and state.get(key):
+                scaler.load_state_dict(state[key])
+        pos.step, pos.epoch, pos.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        pos.rollbacks = state.get("rollbacks", 0)
+        old_batch, world = state["config"]["train"]["batch_size"], backend.world_size
+        if old_batch * state["world_size"] != self.batch_size * world:
+            # A different world size (or batch): keep the number of samples already seen in this epoch.
+            pos.batch_in_epoch = pos.batch_in_epoch * old_batch * state["world_size"] // (self.batch_size * world)
+            log.warning(
+                "resuming a run of %d x %d images per step with %d x %d: continuing epoch %d at batch %d; "
+                "ranks beyond the old world start fresh random streams",
+                state["world_size"],
+                old_batch,
+                world,
+                self.batch_size,
+                pos.epoch,
+                pos.batch_in_epoch,
+            )
+        pos.batch_in_epoch = min(pos.batch_in_epoch, batches_per_epoch)
+        if backend.rank < len(state["rng"]):
+            restore_rng_state(state["rng"][backend.rank], backend.device)
+        self._restore_own_buffers(state)
+
+    @torch.no_grad()
+    def _restore_own_buffers(self, state: dict):
+        """This rank's own batch-norm statistics from a checkpoint of the same world size; otherwise every
+        rank keeps the mean over the old ranks that G and D were saved with."""
+        saved, rank = state.get("rank_buffers") or [], self.backend.rank
+        if state.get("world_size") != self.backend.world_size or rank >= len(saved):
+            return
+        for net, key in ((self.G, "G"), (self.D, "D")):
+            for name, buffer in own_buffers(net).items():
+                buffer.copy_(saved[rank][key][name])
+
+
+def own_buffers(module) -> dict:
+    """This rank's floating-point buffers that `module` saves (batch-norm running statistics)."""
+    state = module.state_dict()
+    return {name: b for name, b in module.named_buffers() if b.is_floating_point() and name in state}
+
+
+def replica_digest(*modules) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
+    h = hashlib.sha256()
+    for module in modules:
+        for t in module.parameters():
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
