@@ -60,7 +60,8 @@ def _split_shards(manifest: dict, dataset_dir, split: str):
 class SliceDataset(torch.utils.data.Dataset):
     """Item i → (image float32 (C, H, W) in [-1, 1], label int64). Labels: "none" → 0;
     "mask" → 1 if the slice's mask has any non-zero voxel. Horizontal flip with p=0.5, drawn
-    from (seed, epoch, index) so a run is reproducible; call `set_epoch` (RankSampler does it)."""
+    from (seed, epoch, index) so a run is reproducible: the epoch comes with the index ((epoch, index),
+    make_loader's EpochTagged), or for a plain index from `set_epoch`."""
 
     def __init__(self, dataset_dir, split: str = "train", flip: bool = False, labels: str = "none", seed: int = 0):
         self.dataset_dir = os.fspath(dataset_dir)
@@ -110,8 +111,8 @@ class SliceDataset(torch.utils.data.Dataset):
         return bool(np.random.default_rng([self.seed, epoch, index]).random() < 0.5)
 
     def __getitem__(self, index):
-        """`index`, or (epoch, index) from a loader whose persistent workers hold copies of the
-        dataset made at their start, which a later `set_epoch` in the main process does not reach."""
+        """`index` (flipped for the epoch of `set_epoch`), or (epoch, index) as make_loader's sampler
+        yields them: its persistent workers hold copies of the dataset made at their start."""
         epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (None, int(index))
         name, row = self.locate(index)
         try:
@@ -151,7 +152,6 @@ class RankSampler(torch.utils.data.Sampler):
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,
-        dataset=None,
     ):
         global_batch = batch_size * world_size
         if num_items < global_batch:
@@ -160,7 +160,7 @@ class RankSampler(torch.utils.data.Sampler):
                 f"(batch size {batch_size} x {world_size} ranks = {global_batch})"
             )
         self.num_items, self.rank, self.world_size = num_items, rank, world_size
-        self.batch_size, self.seed, self.shuffle, self.dataset = batch_size, seed, shuffle, dataset
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.batches_per_epoch = num_items // global_batch
         self.epoch, self.start_batch = 0, 0
 
@@ -169,8 +169,6 @@ class RankSampler(torch.utils.data.Sampler):
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise UsageError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         self.epoch, self.start_batch = epoch, start_batch
-        if self.dataset is not None and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def permutation(self) -> np.ndarray:
         if not self.shuffle:
@@ -189,7 +187,8 @@ class RankSampler(torch.utils.data.Sampler):
 
 
 class EpochTagged(torch.utils.data.Sampler):
-    """`sampler`'s indices as (epoch, index): the epoch travels with each index to the workers."""
+    """`sampler`'s indices as (epoch, index): the epoch travels with each index to the dataset, also
+    to persistent workers' copies of it, so no epoch has to be pushed into the dataset."""
 
     def __init__(self, sampler: RankSampler):
         self.sampler = sampler
@@ -209,7 +208,7 @@ def make_loader(
     `sampler.set_epoch(epoch, start_batch)` before iterating each epoch. `pin_memory` when the batches
     go to a GPU: the copy can then overlap compute (non_blocking)."""
     dataset = SliceDataset(dataset_dir, split, flip=flip, labels=labels, seed=seed)
-    sampler = RankSampler(len(dataset), rank, world_size, batch_size, seed=seed, dataset=dataset)
+    sampler = RankSampler(len(dataset), rank, world_size, batch_size, seed=seed)
     workers = {}
     if num_workers > 0:
         # Persistent: the workers (and their open HDF5 files) live through the run instead of starting again

@@ -166,10 +166,10 @@ def _importable(name):
 
 def _gpu_visible() -> bool:
     try:
-        import torch
-    except ImportError:
+        from hpcgan.parallel.backend import visible_gpus
+    except ImportError:  # no torch: check_torch says so
         return False
-    return torch.cuda.is_available()
+    return visible_gpus() > 0
 
 
 def check_slurm():

@@ -66,11 +66,10 @@ class TrainState:
 
     def broadcast_initial(self):
         """A fresh run: rank 0's initial weights everywhere (the seeded init already agrees; this makes
-        sure), and EMA and sampling copies that start from them."""
+        sure), and the sampling copy (G-EMA when there is one) starting from them."""
         self.backend.broadcast_module(self.G)
         self.backend.broadcast_module(self.D)
-        for copy_of_G in {id(m): m for m in (self.G_ema, self.G_sampling) if m is not None}.values():
-            copy_of_G.load_state_dict(self.G.state_dict())
+        self.G_sampling.load_state_dict(self.G.state_dict())
 
     # --- batch-norm statistics ----------------------------------------------------------------------
     def sync_buffers(self) -> dict:
