@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import single_thread_env
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -124,14 +125,6 @@ def sampling_worker(checkpoint: str, images: int):
 
 
 def measure_sampling(checkpoint: Path, ranks: int, images: int) -> float:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_btl_vader_single_copy_mechanism="none",
-    )
     cmd = [
         "mpirun",
         "-np",
@@ -146,7 +139,7 @@ def measure_sampling(checkpoint: Path, ranks: int, images: int) -> float:
         "--images",
         str(images),
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         sys.exit(f"sampling on {ranks} ranks failed:\n{result.stderr[-3000:]}")
     out = json.loads(result.stdout.strip().splitlines()[-1])

@@ -13,41 +13,21 @@ this machine does not have. Every rank runs one thread (OMP_NUM_THREADS=1).
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import sh
 
 PY = sys.executable
 METRICS = ("swd", "msssim", "intensity", "memorization")
 
 
-def env1():
-    return dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_btl_vader_single_copy_mechanism="none",
-    )
-
-
-def sh(cmd, timeout=3600):
-    result = subprocess.run([str(c) for c in cmd], env=env1(), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
 def make_dataset(root: Path, size: int) -> Path:
     mri, out = root / "mri", root / f"data-{size}"
-    sh([PY, "-m", "hpcgan", "sample-data", mri])
+    sh([PY, "-m", "hpcgan", "sample-data", mri], timeout=3600)
     sh(
         [
             PY,
@@ -66,7 +46,8 @@ def make_dataset(root: Path, size: int) -> Path:
             "0.5",
             "--size",
             str(size),
-        ]
+        ],
+        timeout=3600,
     )
     return out
 
@@ -129,7 +110,8 @@ def main():
                     dataset,
                     n,
                     out,
-                ]
+                ],
+                timeout=3600,
             )
             runs[ranks] = json.loads(out.read_text())
     shape = runs[1]["shape"]

@@ -18,7 +18,6 @@ Every process runs with one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free c
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,32 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import sh, single_thread_env
+
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MODELS = {  # name: (config, preprocess flags, per-rank batch)
     "cepa2023 256x256x3": ("cepa2023", ["--size", "256", "--channels", "3"], 8),
     "wgan-gp-64 64x64x1": ("wgan-gp-64", ["--size", "64", "--channels", "1"], 8),
 }
-
-
-def env1():
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMPI_MCA_btl_vader_single_copy_mechanism="none",
-    )
-    return env
-
-
-def sh(cmd, timeout=1800):
-    result = subprocess.run([str(c) for c in cmd], env=env1(), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(map(str, cmd))}\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 def make_dataset(root: Path, flags) -> Path:
@@ -94,7 +75,7 @@ def machine_ceiling(dataset, run_dir, config, batch, steps, one):
     cmds = [train_cmd(dataset, f"{run_dir}-{i}", config, batch, steps) for i in range(2)]
     procs = [
         subprocess.Popen(
-            [str(c) for c in cmd], env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            [str(c) for c in cmd], env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         for cmd in cmds
     ]
