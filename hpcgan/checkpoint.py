@@ -11,7 +11,8 @@ averaged over ranks (what sampling uses); rank_buffers each rank's own, for an e
 A checkpoint directory holds:
   ckpt-00001000.pt   one file per checkpoint, written to a temp name, fsynced, renamed
   checkpoints.json   index: [{file, step, sha256, metrics}], oldest first (written atomically)
-  latest, best       a line with the file name of the newest / best checkpoint (replaced atomically)
+  latest, best       a line with the file name of the newest / best checkpoint (replaced atomically); with
+                     checkpoint.max_memorization, best is absent while no evaluated checkpoint passes the guard
 """
 
 import hashlib
@@ -33,6 +34,10 @@ INDEX_NAME = "checkpoints.json"
 CHECKPOINTS_DIR = "checkpoints"
 
 log = get_logger("checkpoint")
+
+
+# Text files in checkpoints/ naming one checkpoint file: the newest, and the one checkpoint.best_metric chose.
+POINTERS = ("latest", "best")
 
 
 def checkpoint_name(step: int) -> str:
@@ -186,11 +191,24 @@ def _is_better(value, than, mode: str) -> bool:
     return value < than if mode == "min" else value > than
 
 
-def best_entry(entries: list, metric: str | None, mode: str = "min"):
-    """The entry with the best value of `metric` (entries without it never win), or None."""
+def passes_memorization_guard(metrics: dict | None, max_memorization: float | None) -> bool:
+    """checkpoint.max_memorization: True without a guard, else only for a measured memorization value
+    (fraction of generated images flagged as copies) at or below it; no value (not evaluated) fails."""
+    if not max_memorization:
+        return True
+    value = (metrics or {}).get("memorization")
+    return isinstance(value, (int, float)) and value <= max_memorization  # NaN fails too
+
+
+def best_entry(entries: list, metric: str | None, mode: str = "min", max_memorization: float | None = None):
+    """The entry with the best value of `metric` (entries without it never win), or None. With
+    `max_memorization`, only entries that pass the memorisation guard compete (a memorised
+    evaluation never becomes best, however realistic)."""
     best = None
     for entry in entries:
         value = (entry.get("metrics") or {}).get(metric) if metric else None
+        if not passes_memorization_guard(entry.get("metrics"), max_memorization):
+            continue
         if isinstance(value, (int, float)) and value == value:  # NaN never wins
             if best is None or _is_better(value, best["metrics"][metric], mode):
                 best = entry
@@ -206,9 +224,17 @@ class CheckpointWriter:
     `submit` waits for the previous write, copies the state to host memory (the caller may go on
     changing its tensors as soon as it returns) and starts the write; `flush` waits for it and
     raises its error, if any. Keeps the last `keep_last` checkpoints plus the best one by
-    `best_metric` (lower is better with best_mode="min", higher with "max")."""
+    `best_metric` (lower is better with best_mode="min", higher with "max"), among the checkpoints
+    whose memorization is at most `max_memorization` when that is given (no `best` file while none is)."""
 
-    def __init__(self, directory, keep_last: int = 3, best_metric: str | None = None, best_mode: str = "min"):
+    def __init__(
+        self,
+        directory,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        max_memorization: float | None = None,
+    ):
         if keep_last < 1:
             raise UsageError(f"checkpoint keep_last: must be >= 1, got {keep_last}")
         if best_mode not in ("min", "max"):
@@ -218,6 +244,7 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self.max_memorization = max_memorization or None
         self.entries = read_index(self.directory)  # a resumed run continues the same index
         self._thread = None
         self._error = None
@@ -294,7 +321,7 @@ class CheckpointWriter:
         # Entries past `step` belong to a future this run abandoned (resumed from an older one).
         entries = [e for e in self.entries if e.get("step", -1) < step] + [entry]
         entries.sort(key=lambda e: e["step"])
-        best = best_entry(entries, self.best_metric, self.best_mode)
+        best = best_entry(entries, self.best_metric, self.best_mode, self.max_memorization)
         kept = [e for i, e in enumerate(entries) if i >= len(entries) - self.keep_last or e is best]
         # Index and pointers first, deletions last: a crash in between leaves orphans, never
         # an index that names a missing file.
@@ -373,9 +400,15 @@ def find_latest_valid(directory, max_step: int | None = None) -> Path | None:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint file; a checkpoints/ directory or a run directory holding one → its newest
-    valid checkpoint. UsageError naming the path when there is none."""
+    """A checkpoint file; the `best` or `latest` pointer of a checkpoints/ directory → the file it names;
+    a checkpoints/ directory or a run directory holding one → its newest valid checkpoint. UsageError
+    naming the path when there is none."""
     path = Path(path)
+    if path.is_file() and path.name in POINTERS and path.stat().st_size < 1024:
+        target = path.parent / path.read_text().strip()
+        if target.parent != path.parent or not target.is_file():
+            raise UsageError(f"{path}: names {target.name!r}, which is not a checkpoint in {path.parent}")
+        return target
     if path.is_file():
         return path
     if not path.exists():
@@ -387,6 +420,12 @@ def resolve_checkpoint(path) -> Path:
     if found is None:
         raise UsageError(f"{directory}: no valid checkpoint (all truncated or corrupt)")
     return found
+
+
+def peek_checkpoint(path) -> dict:
+    """A checkpoint file memory-mapped: its config, step and tensor shapes at once, the data read only when
+    touched (a check on every rank before training, without N copies in memory)."""
+    return _open(Path(path), mmap=True)
 
 
 def load_checkpoint(path) -> dict:

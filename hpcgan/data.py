@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from hpcgan.errors import HpcganError, UsageError
+from hpcgan.networks import encode_masks
 from hpcgan.preprocess.manifest import DATASET_FORMAT
+from hpcgan.preprocess.transforms import MAX_MASK_CLASSES
 
 MANIFEST = "manifest.json"
 LABELS = ("none", "mask")
@@ -59,18 +61,30 @@ def _split_shards(manifest: dict, dataset_dir, split: str):
 
 class SliceDataset(torch.utils.data.Dataset):
     """Item i → (image float32 (C, H, W) in [-1, 1], label int64). Labels: "none" → 0;
-    "mask" → 1 if the slice's mask has any non-zero voxel. Horizontal flip with p=0.5, drawn
-    from (seed, epoch, index) so a run is reproducible: the epoch comes with the index ((epoch, index),
-    make_loader's EpochTagged), or for a plain index from `set_epoch`."""
+    "mask" → 1 if the slice's mask has any non-zero voxel. With `mask_classes` K (a joint image + mask
+    model) the image is followed by its mask's K one-hot channels in {-1, +1} (C + K channels).
+    Horizontal flip with p=0.5, drawn from (seed, epoch, index) so a run is reproducible: the epoch comes
+    with the index ((epoch, index), make_loader's EpochTagged), or for a plain index from `set_epoch`."""
 
-    def __init__(self, dataset_dir, split: str = "train", flip: bool = False, labels: str = "none", seed: int = 0):
+    def __init__(
+        self,
+        dataset_dir,
+        split: str = "train",
+        flip: bool = False,
+        labels: str = "none",
+        seed: int = 0,
+        mask_classes: int = 0,
+    ):
         self.dataset_dir = os.fspath(dataset_dir)
         self.manifest = load_manifest(dataset_dir)
         if labels not in LABELS:
             raise UsageError(f"labels: expected one of {', '.join(LABELS)}, got {labels!r}")
         if labels == "mask" and not self.manifest["has_masks"]:
             raise UsageError(f"{dataset_dir}: labels='mask' needs a dataset preprocessed with --mask")
+        if mask_classes:
+            check_mask_classes(self.manifest, dataset_dir, mask_classes)
         self.split, self.flip, self.labels, self.seed, self.epoch = split, flip, labels, seed, 0
+        self.mask_classes = mask_classes
         self.num_classes = 2 if labels == "mask" else 1
         self.shard_names, counts = _split_shards(self.manifest, dataset_dir, split)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -118,6 +132,14 @@ class SliceDataset(torch.utils.data.Dataset):
         try:
             image = decode(self._dataset(name, "images")[row])
             label = int(self._dataset(name, "masks")[row].any()) if self.labels == "mask" else 0
+            if self.mask_classes:  # joint mode: the mask's one-hot channels follow the image's
+                mask = torch.from_numpy(self._dataset(name, "masks")[row].astype(np.int64))
+                if int(mask.max()) >= self.mask_classes:
+                    raise HpcganError(
+                        f"{os.path.join(self.dataset_dir, name)}: mask {row} holds class {int(mask.max())}, "
+                        f"outside the dataset's classes 0..{self.mask_classes - 1}"
+                    )
+                image = torch.cat([image, encode_masks(mask[None], self.mask_classes)[0]])
         except OSError as exc:  # h5py: a damaged chunk or a shard cut short
             raise HpcganError(
                 f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
@@ -136,6 +158,29 @@ class SliceDataset(torch.utils.data.Dataset):
         for f in self._files.values():
             f.close()
         self._files, self._datasets = {}, {}
+
+
+def check_mask_classes(manifest: dict, dataset_dir, mask_classes: int):
+    """A joint image + mask model (model.mask_classes = K) needs a dataset with masks whose label set has
+    exactly K classes; UsageError naming the dataset otherwise."""
+    if not manifest.get("has_masks"):
+        raise UsageError(
+            f"{dataset_dir}: model.mask_classes={mask_classes} (joint image + mask) needs a dataset with masks: "
+            "preprocess with --mask (and --label-map)"
+        )
+    have = manifest.get("mask_classes")
+    if have is None:
+        raise UsageError(f"{dataset_dir}: the manifest has no label set (mask_classes); preprocess it again")
+    if have > MAX_MASK_CLASSES:
+        raise UsageError(
+            f"{dataset_dir}: its masks hold labels up to {have - 1}: map them to a few classes with "
+            f"hpcgan preprocess --label-map (at most {MAX_MASK_CLASSES})"
+        )
+    if have != mask_classes:
+        raise UsageError(
+            f"{dataset_dir}: model.mask_classes={mask_classes} but the dataset's masks have {have} classes "
+            f"({', '.join(manifest.get('class_names') or [])}): set model.mask_classes={have}"
+        )
 
 
 class RankSampler(torch.utils.data.Sampler):
@@ -202,12 +247,22 @@ class EpochTagged(torch.utils.data.Sampler):
 
 
 def make_loader(
-    dataset_dir, split, batch_size, rank, world_size, seed, flip=False, labels="none", num_workers=0, pin_memory=False
+    dataset_dir,
+    split,
+    batch_size,
+    rank,
+    world_size,
+    seed,
+    flip=False,
+    labels="none",
+    num_workers=0,
+    pin_memory=False,
+    mask_classes=0,
 ):
     """(DataLoader, RankSampler) for rank `rank` of `world_size`. Call
     `sampler.set_epoch(epoch, start_batch)` before iterating each epoch. `pin_memory` when the batches
     go to a GPU: the copy can then overlap compute (non_blocking)."""
-    dataset = SliceDataset(dataset_dir, split, flip=flip, labels=labels, seed=seed)
+    dataset = SliceDataset(dataset_dir, split, flip=flip, labels=labels, seed=seed, mask_classes=mask_classes)
     sampler = RankSampler(len(dataset), rank, world_size, batch_size, seed=seed)
     workers = {}
     if num_workers > 0:
@@ -230,16 +285,20 @@ def make_loader(
     return loader, sampler
 
 
-def read_slices(dataset_dir, split, max_items=None, seed=0) -> np.ndarray:
+def read_slices(dataset_dir, split, max_items=None, seed=0, with_masks=False):
     """(N, C, H, W) float32 in [-1, 1] of a split, for evaluation. With max_items, a
-    deterministic subset chosen from `seed` (read in shard order)."""
+    deterministic subset chosen from `seed` (read in shard order). With `with_masks`, (images, masks
+    (N, H, W) int64) of a dataset preprocessed with --mask."""
     dataset = SliceDataset(dataset_dir, split)
+    if with_masks and not dataset.manifest["has_masks"]:
+        raise UsageError(f"{dataset_dir}: no masks (preprocess it with --mask)")
     n = len(dataset)
     if max_items is not None and max_items < n:
         indices = np.sort(np.random.default_rng(seed).choice(n, size=max_items, replace=False))
     else:
         indices = np.arange(n)
     out = np.empty((len(indices), *dataset.manifest["image_shape"]), dtype=np.float32)
+    masks = np.empty((len(indices), *out.shape[2:]), dtype=np.int64) if with_masks else None
     # Group by shard so each shard is opened once and read with one sorted fancy index.
     shard_of = np.searchsorted(dataset.offsets, indices, side="right") - 1
     try:
@@ -247,6 +306,8 @@ def read_slices(dataset_dir, split, max_items=None, seed=0) -> np.ndarray:
             where = np.nonzero(shard_of == shard)[0]
             rows = indices[where] - dataset.offsets[shard]
             out[where] = decode(dataset._dataset(dataset.shard_names[shard], "images")[rows]).numpy()
+            if with_masks:
+                masks[where] = dataset._dataset(dataset.shard_names[shard], "masks")[rows]
     finally:
         dataset.close()
-    return out
+    return (out, masks) if with_masks else out

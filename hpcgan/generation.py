@@ -8,7 +8,7 @@ so the images do not depend on the device, the batch size or the number of ranks
 import numpy as np
 import torch
 
-from hpcgan.networks import eval_mode
+from hpcgan.networks import eval_mode, network_channels
 
 
 def seed_for(*keys: int) -> int:
@@ -37,5 +37,5 @@ def run_generator(G, z, labels=None, batch_size: int = 64, progress=None) -> tor
                 progress.update(end - start)
     if not out:
         m = G.cfg
-        return torch.zeros(0, m.channels, m.resolution, m.resolution)
+        return torch.zeros(0, network_channels(m), m.resolution, m.resolution)
     return torch.cat(out)

@@ -37,6 +37,12 @@ def summary_lines(dataset_dir, manifest: dict) -> list:
         f"v{manifest['format_version']}, hpcgan {manifest.get('hpcgan_version', '?')})",
         f"modalities   {', '.join(manifest['modalities'])}"
         + (f"  mask: {manifest['mask']}" if manifest["has_masks"] else ""),
+        *(
+            [f"mask classes {manifest['mask_classes']}: {', '.join((manifest.get('class_names') or [])[:8])}"]
+            + ([f"label map    {manifest['label_map']}"] if manifest.get("label_map") else [])
+            if manifest.get("mask_classes")
+            else []
+        ),
         f"images       {' x '.join(map(str, manifest['image_shape']))} (C x H x W), stored as {manifest['dtype']}",
         f"pixels       {manifest['pixel_spacing_mm'][0]:.3f} x {manifest['pixel_spacing_mm'][1]:.3f} mm, "
         f"slice thickness {manifest['slice_thickness_mm']:.2f} mm",

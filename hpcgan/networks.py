@@ -3,6 +3,8 @@
 Both networks are plain stacks of blocks:
   G: z [+ label embedding] -> FC -> C0 x 4 x 4 -> up blocks (x2 each) -> tanh image
   D: image -> down blocks (4x4 stride 2, or 3x3 stride 1) -> C x 4 x 4 -> FC -> score [+ projection]
+Joint mode (`mask_classes: K`): G draws K one-hot mask channels after the image channels and D
+judges image and mask together (`joint_output`, `encode_masks`, `split_joint`).
 `arch: dcgan` ends G with an up block straight to the image channels (Radford et al. 2016);
 `arch: cepa2023` keeps norm/activation/dropout on every up block and adds a 3x3 transposed conv
 head, as the study's table prints it (configs/cepa2023.yaml documents our reading).
@@ -18,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +56,9 @@ class ModelConfig:
     upsample: Literal["deconv", "resize"] = "deconv"  # resize = x2 interpolation, then 3x3 conv
     resize_mode: Literal["nearest", "bilinear"] = "nearest"
     num_classes: int = 0  # 0 = unconditional; >0: embedding concatenated to z, projection D
+    # Joint image + mask: G also draws a K-class mask (classes 0..K-1 of the dataset's label set) as K
+    # one-hot channels after the image channels, and D judges the pair. See `joint_output`.
+    mask_classes: int = 0
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -81,6 +87,8 @@ class ModelConfig:
         for key in ("g_dropout", "d_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"model.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.mask_classes == 1 or self.mask_classes < 0:
+            raise ValueError(f"model.mask_classes: 0 (no mask) or >= 2 (background + classes), got {self.mask_classes}")
         for key in ("leaky_slope", "d_input_noise", "num_classes"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key}: must be >= 0, got {getattr(self, key)}")
@@ -113,6 +121,37 @@ class ModelConfig:
                 f"model.d_channels: resolution {res} needs {n_up} stride-2 convs, got "
                 f"{len(self.d_channels)} widths (set model.d_strides for stride-1 convs)"
             )
+
+
+def network_channels(cfg: ModelConfig) -> int:
+    """Channels G makes and D judges: the image's, then the mask's one-hot channels in joint mode."""
+    return cfg.channels + cfg.mask_classes
+
+
+def joint_output(x: torch.Tensor, image_channels: int) -> torch.Tensor:
+    """G's last activations → its output in [-1, 1]: tanh for the image channels; for the mask channels a
+    softmax over the classes, scaled to [-1, 1] like a real one-hot mask (`encode_masks`). Softmax, not one
+    sigmoid per class: a pixel has exactly one class, the channels are then a distribution over them, and
+    the argmax decodes them without ties between "two classes" and "none"."""
+    if x.shape[1] == image_channels:
+        return torch.tanh(x)
+    image, mask = x[:, :image_channels], x[:, image_channels:]
+    return torch.cat([torch.tanh(image), torch.softmax(mask.float(), dim=1).to(x.dtype) * 2 - 1], dim=1)
+
+
+def encode_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, H, W) integer classes → (N, K, H, W) one-hot in {-1, +1}, how D sees a real mask."""
+    one_hot = torch.nn.functional.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2)
+    return one_hot.to(torch.float32) * 2 - 1
+
+
+def split_joint(x, image_channels: int):
+    """(N, C + K, H, W) generated pairs → (images (N, C, H, W), masks (N, H, W) int64 by argmax, or None
+    when there are no mask channels). numpy or torch in, the same kind out."""
+    if x.shape[1] == image_channels:
+        return x, None
+    images, scores = x[:, :image_channels], x[:, image_channels:]
+    return images, scores.argmax(1) if isinstance(x, torch.Tensor) else scores.argmax(axis=1).astype(np.int64)
 
 
 def num_doublings(resolution: int) -> int:
@@ -235,9 +274,9 @@ class Generator(nn.Module):
             if cfg.g_dropout:
                 blocks.append(nn.Dropout(cfg.g_dropout))
         if cfg.arch == "cepa2023":  # the study's head: a 3x3 transposed conv at full resolution
-            blocks.append(nn.ConvTranspose2d(widths[-1], cfg.channels, 3, 1, 1))
+            blocks.append(nn.ConvTranspose2d(widths[-1], network_channels(cfg), 3, 1, 1))
         else:  # DCGAN: the last x2 step goes straight to the image channels
-            blocks.append(up_conv(cfg, widths[-1], cfg.channels, bias=True))
+            blocks.append(up_conv(cfg, widths[-1], network_channels(cfg), bias=True))
         self.blocks = nn.Sequential(*blocks)
         init_weights_(self, cfg.init_std)
         if self.embed is not None:
@@ -249,14 +288,14 @@ class Generator(nn.Module):
                 raise ValueError("a conditional generator (model.num_classes > 0) needs labels")
             z = torch.cat([z, self.embed(labels).to(z.dtype)], dim=1)
         h = self.fc(z).view(z.shape[0], -1, 4, 4)
-        return torch.tanh(self.blocks(self.fc_post(h)))
+        return joint_output(self.blocks(self.fc_post(h)), self.cfg.channels)
 
 
 class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        layers, c_in = [], cfg.channels
+        layers, c_in = [], network_channels(cfg)
         for i, (width, stride) in enumerate(discriminator_layout(cfg)):
             norm = "none" if i == 0 else cfg.d_norm  # no norm on the input layer (DCGAN, the study)
             conv = (
@@ -297,10 +336,11 @@ class Discriminator(nn.Module):
 
 
 def build_generator(cfg: ModelConfig) -> nn.Module:
-    """G(z: (N, latent_dim), labels: (N,) int64 | None) -> (N, channels, resolution, resolution) in [-1, 1]."""
+    """G(z: (N, latent_dim), labels: (N,) int64 | None) -> (N, channels [+ mask_classes], resolution,
+    resolution) in [-1, 1]."""
     return Generator(cfg)
 
 
 def build_discriminator(cfg: ModelConfig) -> nn.Module:
-    """D(x: (N, channels, resolution, resolution), labels | None) -> (N,) raw scores."""
+    """D(x: (N, channels [+ mask_classes], resolution, resolution), labels | None) -> (N,) raw scores."""
     return Discriminator(cfg)

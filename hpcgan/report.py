@@ -1,6 +1,6 @@
 """Write a self-contained HTML report of a training run: loss curves, metric curves, sample grids
-over time, the last stack's contact sheet, the memorisation audit with its worst pairs, the config
-and the environment.
+over time, the selected (best) checkpoint with its memorisation guard, the last stack's contact sheet,
+the memorisation audit with its worst pairs, the config and the environment.
 
   hpcgan report RUN_DIR                                   # → RUN_DIR/report.html
   hpcgan report RUN_DIR --samples SAMPLES_DIR --evaluation SAMPLES_DIR/evaluation.json
@@ -71,6 +71,41 @@ def evenly_spaced(items: list, k: int) -> list:
 
 def newest(paths):
     return max(paths, key=lambda p: (os.path.getmtime(p), p)) if paths else None
+
+
+def selected_checkpoint(run_dir) -> dict | None:
+    """The checkpoint a run selected (checkpoints/best) and what it was selected by: {"metric":
+    checkpoint.best_metric, "guard": checkpoint.max_memorization or None, "checkpoints": how many are indexed,
+    "file", "step", "metrics"} (file and step None when none is best, e.g. none passed the memorisation guard).
+    None for a run without evaluation during training (nothing to select by)."""
+    import yaml
+
+    from hpcgan.checkpoint import CHECKPOINTS_DIR, read_index
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or not (config.get("eval") or {}).get("every_steps"):
+        return None
+    ck = config.get("checkpoint") or {}
+    directory = os.path.join(run_dir, CHECKPOINTS_DIR)
+    entries = read_index(directory) if os.path.isdir(directory) else []
+    try:
+        with open(os.path.join(directory, "best")) as f:
+            name = f.read().strip()
+    except OSError:
+        name = None
+    entry = next((e for e in entries if e.get("file") == name), None) if name else None
+    return {
+        "metric": ck.get("best_metric", "swd"),
+        "guard": ck.get("max_memorization") or None,
+        "checkpoints": len(entries),
+        "file": entry["file"] if entry else None,
+        "step": entry.get("step") if entry else None,
+        "metrics": dict(entry.get("metrics") or {}) if entry else {},
+    }
 
 
 # ---------------------------------------------------------------- figures
@@ -188,6 +223,31 @@ def contact_sheet_figure(samples_dir, run_dir, path) -> bool:
     return bool(png) and copy_png(png, path)
 
 
+def segmentation_section(evaluation) -> str:
+    """Dice per class of the U-Nets trained on real, synthetic and real + synthetic pairs (hpcgan evaluate
+    --task segmentation), on the real validation pairs."""
+    task = ((evaluation or {}).get("metrics") or {}).get("segmentation")
+    if not isinstance(task, dict) or not isinstance(task.get("arms"), dict):
+        return "<p>Not evaluated (<code>hpcgan evaluate --task segmentation</code> on a joint image + mask model).</p>"
+    classes = task.get("num_classes") or max((len(a.get("dice", [])) for a in task["arms"].values()), default=0)
+    names = list(task.get("class_names") or []) or [f"class {k}" for k in range(classes)]
+    header = ["U-Net trained on", "pairs", "mean foreground Dice", *(f"Dice {n}" for n in names[1:classes])]
+    rows = [
+        (
+            html.escape(arm),
+            int(result.get("train_pairs", 0)),
+            number(result.get("mean_dice")),
+            *(number(d) for d in list(result.get("dice", []))[1:classes]),
+        )
+        for arm, result in task["arms"].items()
+    ]
+    recipe = task.get("recipe") or {}
+    return table(header, rows) + (
+        f"<p>Dice on {int(task.get('val_pairs', 0))} real validation pairs; the real-only U-Net is the baseline. "
+        f"Recipe: {html.escape(json.dumps(recipe, sort_keys=True))}.</p>"
+    )
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -206,7 +266,7 @@ def image(src, alt) -> str:
 
 
 def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
-    from hpcgan.metrics import METRICS, verdict
+    from hpcgan.metrics import verdict
 
     if not evaluation or not isinstance(evaluation.get("metrics"), dict):
         return "<p>No evaluation (run <code>hpcgan evaluate --out RUN_DIR/evaluation.json</code>).</p>"
@@ -216,7 +276,7 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
             html.escape(n),
             number(r.get("value")),
             number(r.get("baseline")),
-            html.escape(verdict(n, r) if n in METRICS else r.get("verdict", "")),
+            html.escape(verdict(n, r)),
         )
         for n, r in results.items()
         if isinstance(r, dict)
@@ -257,6 +317,36 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
         )
     parts.append(table(["generated", "nearest training", "distance", "SSIM", "generated | training"], rows))
     return "\n".join(parts)
+
+
+def selected_section(selected, evals) -> str:
+    """The selected checkpoint's realism metric and memorisation beside their baselines, and the guard."""
+    if selected is None:
+        return "<p>No evaluation during training, so no checkpoint was selected (set eval.every_steps).</p>"
+    metric, guard = selected["metric"], selected["guard"]
+    guard_text = f"memorization &lt;= {guard:g} (checkpoint.max_memorization)" if guard else "off"
+    if selected["file"] is None:
+        if guard and selected["checkpoints"]:
+            why = f"no evaluated checkpoint passed the memorisation guard ({guard_text}): no checkpoints/best"
+        else:
+            why = "no evaluated checkpoint yet"
+        return f"<p>Selected by {html.escape(metric)}; memorisation guard: {guard_text}. {why}.</p>"
+    details = next((e["eval"] for e in evals if e["step"] == selected["step"]), {})
+
+    def baseline(name):
+        result = details.get(name)
+        return number(result.get("baseline")) if isinstance(result, dict) else "-"
+
+    rows = [
+        (
+            html.escape(selected["file"]),
+            selected["step"],
+            f"{number(selected['metrics'].get(metric))} (real vs real {baseline(metric)})",
+            f"{number(selected['metrics'].get('memorization'))} (validation {baseline('memorization')})",
+            guard_text,
+        )
+    ]
+    return table(["checkpoints/best", "step", html.escape(metric), "memorization", "memorisation guard"], rows)
 
 
 STYLE = (
@@ -329,8 +419,12 @@ def run(args):
             contact_sheet_figure(args.samples, run_dir, os.path.join(figures_dir, "contact-sheet.png")),
             "No sample stack (run hpcgan sample, or pass --samples).",
         ),
+        "<h2>Selected checkpoint</h2>",
+        selected_section(selected_checkpoint(run_dir), evals),
         "<h2>Evaluation</h2>",
         evaluation_section(evaluation, os.path.dirname(os.path.abspath(evaluation_path)), figures_dir, href),
+        "<h2>Task: segmentation (train on synthetic, test on real)</h2>",
+        segmentation_section(evaluation),
         "<h2>Visual Turing test</h2>",
         turing_test.report_section(
             read_json(

@@ -5,11 +5,14 @@ not a synthetic patient, even where it is saved as a NIfTI volume (its header sa
 
 Per stack k, in --out:
   stack-0000k.h5      dataset `images` (stack, C, H, W) float32 in [-1, 1]; attributes: checkpoint_sha256,
-                      step, seed, stack_index, labels, config (JSON)
+                      step, seed, stack_index, labels, config (JSON); from a joint image + mask model
+                      also `masks` (stack, H, W) uint8 classes (the argmax of G's mask channels)
   stack-0000k.nii.gz  a volume (X, Y, stack) in RAS with the training voxel size, values mapped back to the
                       training intensity range, clean header (4-D (X, Y, stack, C) when the channels are
                       different modalities; else the first channel)
-  stack-0000k.png     a 10x10 contact sheet
+  stack-0000k-mask.nii.gz  (joint models) the masks as a uint8 label volume with the image volume's
+                      geometry: open it as a label map over stack-0000k.nii.gz in 3D Slicer or ITK-SNAP
+  stack-0000k.png     a 10x10 contact sheet (joint models: each mask class outlined in colour)
 and index.json (checkpoint sha256, step, seed, sizes, formats, files, config), written last by rank 0.
 
 The latents of stack k come from a generator seeded by (--seed, k), so the same seed gives the same
@@ -27,6 +30,7 @@ import torch
 
 from hpcgan.errors import UsageError
 from hpcgan.generation import draw_latents, run_generator
+from hpcgan.networks import split_joint
 from hpcgan.log import get_logger
 from hpcgan.progress import progress_bar
 
@@ -132,7 +136,8 @@ def generate_images(
     stream: int = 0,
     progress=None,
 ) -> np.ndarray:
-    """(num_images, C, H, W) float32 in [-1, 1] from the generator of `checkpoint` (a checkpoint dict,
+    """(num_images, C [+ K mask channels of a joint model: split them with hpcgan.networks.split_joint],
+    H, W) float32 in [-1, 1] from the generator of `checkpoint` (a checkpoint dict,
     a path as `load_checkpoint` takes, or a generator from `load_generator`, to build it once for
     many calls). Latents come from (seed, stream) and are drawn on the CPU, so the images do not
     depend on the batch size, the device or the number of ranks. `progress`: a tqdm bar to update."""
@@ -149,13 +154,13 @@ def stack_name(index: int) -> str:
     return f"stack-{index:05d}"
 
 
-def write_stack(out, index: int, images: np.ndarray, formats, attrs: dict, dataset: dict | None) -> list:
-    """Write one stack in each format; returns the file names."""
-    from hpcgan.stacks import contact_sheet, write_png, write_stack_h5, write_stack_nifti
+def write_stack(out, index: int, images: np.ndarray, formats, attrs: dict, dataset: dict | None, masks=None) -> list:
+    """Write one stack (and its masks, from a joint model) in each format; returns the file names."""
+    from hpcgan.stacks import contact_sheet, write_mask_nifti, write_png, write_stack_h5, write_stack_nifti
 
     name, files = stack_name(index), []
     if "h5" in formats:
-        write_stack_h5(f"{out}/{name}.h5", images, attrs)
+        write_stack_h5(f"{out}/{name}.h5", images, attrs, masks)
         files.append(f"{name}.h5")
     if "nifti" in formats:
         modalities = dataset.get("modalities") or []
@@ -168,8 +173,13 @@ def write_stack(out, index: int, images: np.ndarray, formats, attrs: dict, datas
             all_channels=len(modalities) > 1,
         )
         files.append(f"{name}.nii.gz")
+        if masks is not None:
+            write_mask_nifti(
+                f"{out}/{name}-mask.nii.gz", masks, dataset["pixel_spacing_mm"], dataset["slice_thickness_mm"]
+            )
+            files.append(f"{name}-mask.nii.gz")
     if "png" in formats:
-        write_png(contact_sheet(images, nrow=SHEET_COLUMNS), f"{out}/{name}.png")
+        write_png(contact_sheet(images, nrow=SHEET_COLUMNS, masks=masks), f"{out}/{name}.png")
         files.append(f"{name}.png")
     return files
 
@@ -247,10 +257,13 @@ def run(args):
     files = []
     with progress_bar(len(mine) * args.stack_size, "sampling", "images", enabled=group.is_root) as bar:
         for k in mine:
-            images = generate_images(
-                G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size, stream=k, progress=bar
+            images, masks = split_joint(
+                generate_images(
+                    G, args.stack_size, args.seed, labels=labels, batch_size=args.batch_size, stream=k, progress=bar
+                ),
+                G.cfg.channels,
             )
-            files += write_stack(out, k, images, formats, {**attrs, "stack_index": k}, dataset)
+            files += write_stack(out, k, images, formats, {**attrs, "stack_index": k}, dataset, masks)
 
     every_rank = group.gather_object(files)
     if group.is_root:
@@ -263,6 +276,7 @@ def run(args):
             "formats": formats,
             "ema": args.ema,
             "labels": labels or [],
+            "class_names": dataset.get("class_names") if G.cfg.mask_classes else None,
             "files": sorted(f for rank_files in every_rank for f in rank_files),
             "config": config,
         }

@@ -3,9 +3,12 @@ one folder per subject, `<subject>_<modality>.nii.gz`. Nothing is downloaded.
 
   mni152/   ICBM152 2009a nonlinear symmetric template (nilearn): t1 (skull-stripped),
             gm and wm probability maps, seg (0 background, 1 grey matter, 2 white matter,
-            the larger of the two probability maps above 0.5)
+            the larger of the two probability maps above 0.5), tissue (the same as seg)
   colin27/  Colin27 single-subject T1 (Debian package mricron-data, if installed):
-            t1 (brain only, ch2bet), t1head (with skull, ch2), seg (AAL atlas labels, same space)
+            t1 (brain only, ch2bet), t1head (with skull, ch2), seg (AAL atlas labels 1..116, same space),
+            tissue (the common class set of both subjects, approximate: 1 grey matter = any AAL
+            region, 2 white matter = brain outside the atlas brighter than the brain's median T1,
+            which leaves out the dark CSF; 0 elsewhere)
 
 Every volume is written with a fresh NIfTI header (no free text from the source)."""
 
@@ -76,14 +79,29 @@ def _volumes():
         gm, wm = gm / 255.0, wm / 255.0
     seg = np.where((gm > 0.5) & (gm >= wm), 1, np.where(wm > 0.5, 2, 0)).astype(np.uint8)
     yield Volume("mni152", "seg", "nilearn gm/wm maps (derived)", ICBM_NOTE), seg, arrays["gm"][1]
+    yield Volume("mni152", "tissue", "nilearn gm/wm maps (derived)", ICBM_NOTE), seg, arrays["gm"][1]
 
     colin = {"t1": "ch2bet.nii.gz", "t1head": "ch2.nii.gz", "seg": "aal.nii.gz"}
     if all((MRICRON_TEMPLATES / f).is_file() for f in colin.values()):
+        loaded = {}
         for modality, name in colin.items():
-            data, affine = _load(MRICRON_TEMPLATES / name)
+            loaded[modality] = data, affine = _load(MRICRON_TEMPLATES / name)
             yield Volume("colin27", modality, f"mricron-data/{name}", COLIN_NOTE), data, affine
+        (t1, affine), aal = loaded["t1"], loaded["seg"][0]
+        yield (
+            Volume("colin27", "tissue", "mricron-data t1 and aal (derived)", COLIN_NOTE),
+            colin_tissue(t1, aal),
+            affine,
+        )
     else:
         get_logger().warning("Colin27 skipped: Debian's mricron-data is not installed (apt-get install mricron-data)")
+
+
+def colin_tissue(t1: np.ndarray, aal: np.ndarray) -> np.ndarray:
+    """Colin27 in the MNI152 seg's classes (see the module docstring); t1 and aal share one grid."""
+    brain = t1 > 0
+    bright = t1 > np.median(t1[brain])
+    return np.where(aal > 0, 1, np.where(brain & bright, 2, 0)).astype(np.uint8)
 
 
 def write_sample_data(out) -> list[Volume]:

@@ -13,6 +13,11 @@ import numpy as np
 from hpcgan.io import HDF5Output, atomic_path
 
 STACK_DATASET = "images"
+MASK_DATASET = "masks"  # joint image + mask models: (N, H, W) integer classes
+# Outline colours of mask classes 1, 2, ... on contact sheets (RGB; class 0, the background, has none).
+OUTLINE_COLOURS = np.array(
+    [[255, 64, 64], [64, 255, 64], [64, 128, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.uint8
+)
 # A NIfTI's descrip (80 bytes at most): each slice of a stack comes from its own latent.
 NIFTI_DESCRIPTION = b"hpcgan synthetic: independent 2-D slices, not a volume or a patient"
 
@@ -24,14 +29,32 @@ def to_uint8(images) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
-def contact_sheet(images, nrow: int = 10) -> np.ndarray:
+def mask_outlines(masks) -> np.ndarray:
+    """(N, H, W) classes → (N, H, W) class of each pixel on the border of its class region (a 4-neighbour
+    has another class), else 0: the outline drawn over an image."""
+    masks = np.asarray(masks)
+    border = np.zeros(masks.shape, dtype=bool)
+    border[:, 1:, :] |= masks[:, 1:, :] != masks[:, :-1, :]
+    border[:, :-1, :] |= masks[:, :-1, :] != masks[:, 1:, :]
+    border[:, :, 1:] |= masks[:, :, 1:] != masks[:, :, :-1]
+    border[:, :, :-1] |= masks[:, :, :-1] != masks[:, :, 1:]
+    return np.where(border, masks, 0)
+
+
+def contact_sheet(images, nrow: int = 10, masks=None) -> np.ndarray:
     """Tile N images, `nrow` per row, into one uint8 picture (H·rows, W·nrow[, C]). One channel
     stays grey (2-D result), three are RGB; other channel counts show their first channel in grey.
-    Cells past the last image are black."""
+    With `masks` ((N, H, W) classes) the sheet is RGB with each class's outline drawn in its colour
+    (OUTLINE_COLOURS). Cells past the last image are black."""
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     if c != 3:
         pixels = pixels[..., :1]
+    if masks is not None:
+        pixels = np.repeat(pixels, 3 // pixels.shape[-1], axis=-1)
+        outline = mask_outlines(masks)
+        drawn = outline > 0
+        pixels[drawn] = OUTLINE_COLOURS[(outline[drawn] - 1) % len(OUTLINE_COLOURS)]
     cols = max(1, min(nrow, n))
     rows = -(-n // cols)
     sheet = np.zeros((rows * h, cols * w, pixels.shape[-1]), dtype=np.uint8)
@@ -51,11 +74,16 @@ def write_png(array, path, compress_level: int | None = None):
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG", **options)
 
 
-def write_stack_h5(path, images, attrs: dict):
-    """One stack → HDF5 dataset `images` (N, C, H, W) float32 in [-1, 1]. `attrs` become attributes
-    of the dataset; dicts and lists are stored as JSON strings (e.g. `config`)."""
+def write_stack_h5(path, images, attrs: dict, masks=None):
+    """One stack → HDF5 dataset `images` (N, C, H, W) float32 in [-1, 1] and, from a joint model,
+    `masks` (N, H, W) uint8 classes. `attrs` become attributes of `images`; dicts and lists are stored
+    as JSON strings (e.g. `config`)."""
     images = np.asarray(images, dtype=np.float32)
     with atomic_path(path) as tmp, HDF5Output(tmp) as f:
+        if masks is not None:
+            f.create_dataset(
+                MASK_DATASET, data=np.asarray(masks, dtype=np.uint8), chunks=(1, *images.shape[2:]), compression="gzip"
+            )
         ds = f.create_dataset(
             STACK_DATASET,
             data=images,
@@ -73,6 +101,14 @@ def read_stack_h5(path) -> np.ndarray:
 
     with h5py.File(path, "r") as f:
         return f[STACK_DATASET][...]
+
+
+def read_stack_masks(path):
+    """The stack's `masks` (N, H, W) int64, or None (a stack of an image-only model)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f[MASK_DATASET][...].astype(np.int64) if MASK_DATASET in f else None
 
 
 def read_stack_attrs(path) -> dict:
@@ -119,8 +155,6 @@ def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intens
     in mm, RAS, centred on the origin; the header carries no free text from any input (aux_file,
     intent_name, db_name empty; descrip is NIFTI_DESCRIPTION, which tells a viewer's user that the
     slices are independent samples, not a patient), qform/sform code 1 (scanner), xyz units mm."""
-    import nibabel as nib
-
     images = np.asarray(images, dtype=np.float32)
     channels = images.shape[1] if all_channels else 1
     ranges = intensity_ranges(intensity, images.shape[1])
@@ -130,6 +164,22 @@ def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intens
         values = lo + (np.clip(images[:, c], -1.0, 1.0) + 1.0) * np.float32((hi - lo) / 2.0)
         volumes.append(images_to_ras(values.astype(np.float32)))
     data = volumes[0] if channels == 1 else np.stack(volumes, axis=-1)
+    shown = ranges[:channels]  # the display window spans them
+    low, high = min(r[0] for r in shown), max(r[1] for r in shown)
+    save_nifti(path, data, pixel_spacing_mm, slice_thickness_mm, np.float32, low, high)
+
+
+def write_mask_nifti(path, masks, pixel_spacing_mm, slice_thickness_mm):
+    """A stack's masks (N, H, W) classes → an integer (uint8) NIfTI label volume with the geometry of the
+    image stack's (`write_stack_nifti`), which 3D Slicer and ITK-SNAP open as a label map over it."""
+    masks = np.asarray(masks).astype(np.uint8)
+    save_nifti(path, images_to_ras(masks), pixel_spacing_mm, slice_thickness_mm, np.uint8, 0, masks.max(initial=0))
+
+
+def save_nifti(path, data, pixel_spacing_mm, slice_thickness_mm, dtype, cal_min, cal_max):
+    """(X, Y, stack[, C]) RAS data → NIfTI, atomically: the affine is diag(column spacing, row spacing, slice
+    thickness) in mm, centred on the origin; the header carries no free text from any input."""
+    import nibabel as nib
 
     spacing = np.array([pixel_spacing_mm[1], pixel_spacing_mm[0], slice_thickness_mm], dtype=np.float64)
     affine = np.diag([*spacing, 1.0])
@@ -140,10 +190,9 @@ def write_stack_nifti(path, images, pixel_spacing_mm, slice_thickness_mm, intens
         header[key] = b""
     header["descrip"] = NIFTI_DESCRIPTION
     header.set_xyzt_units(xyz="mm")
-    shown = ranges[:channels]
-    header["cal_min"], header["cal_max"] = min(r[0] for r in shown), max(r[1] for r in shown)  # display window
+    header["cal_min"], header["cal_max"] = cal_min, cal_max
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    header.set_data_dtype(np.float32)
+    header.set_data_dtype(dtype)
     with atomic_path(path) as tmp:
         nib.save(image, tmp)

@@ -3,7 +3,10 @@
   hpcgan sweep-summary runs/sweep/* --metric swd --csv runs/sweep/summary.csv
 
 A run's value is the last evaluation of the metric in RUN_DIR/metrics.jsonl (written during
-training), else the one in RUN_DIR/evaluation.json (`hpcgan evaluate --out`). Best first (lower is
+training), else the one in RUN_DIR/evaluation.json (`hpcgan evaluate --out`); a run trained with the
+memorisation guard (checkpoint.max_memorization) gives its selected checkpoint's (checkpoints/best), or no
+result when no checkpoint passed the guard. A "memorization" column shows the memorisation of the same
+evaluation when some run measured it, and a "guard" column the guard when some run had it. Best first (lower is
 better for every metric but those marked otherwise); runs without a value come last as
 "no result". The columns after the value are the config keys whose values differ between the
 runs (from each RUN_DIR/config.yaml): the swept hyper-parameters."""
@@ -22,30 +25,53 @@ NO_RESULT = "no result"
 
 def add_arguments(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by hpcgan train")
-    parser.add_argument("--metric", default="swd", help="evaluation metric to rank by (default swd)")
+    parser.add_argument(
+        "--metric",
+        default="swd",
+        help="evaluation metric to rank by, or segmentation (Dice of hpcgan evaluate --task segmentation; "
+        "masks: mask plausibility) (default swd)",
+    )
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV (atomically)")
+
+
+def _value(result):
+    value = result.get("value") if isinstance(result, dict) else result
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def last_from_metrics_jsonl(path, metric):
     """(value, step) of the metric's last evaluation line in metrics.jsonl, or None."""
+    found = _last_evaluation(path, metric)
+    return found and found[:2]
+
+
+def _last_evaluation(path, metric):
+    """(value, step, that evaluation's memorization or None) of the metric's last evaluation line, or None."""
     from hpcgan.report import read_metrics
 
     found = None
     for entry in read_metrics(path)[1]:
-        result = entry["eval"].get(metric)
-        value = result.get("value") if isinstance(result, dict) else result
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            found = (float(value), entry["step"])
+        value = _value(entry["eval"].get(metric))
+        if value is not None:
+            found = (value, entry["step"], _value(entry["eval"].get("memorization")))
     return found
 
 
 def from_evaluation_json(path, metric):
+    """(value, "evaluation.json", its memorization or None), or None."""
     try:
         with open(path) as f:
-            value = json.load(f)["metrics"][metric]["value"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+            results = json.load(f)["metrics"]
+        value = _value(results[metric])
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return (float(value), "evaluation.json") if isinstance(value, (int, float)) else None
+    return (value, "evaluation.json", _value(results.get("memorization"))) if value is not None else None
+
+
+def from_selected_checkpoint(selected, metric):
+    """(value, step, memorization) of the checkpoint a guarded run selected, or None when none passed."""
+    value = _value(selected["metrics"].get(metric)) if selected["file"] else None
+    return None if value is None else (value, selected["step"], _value(selected["metrics"].get("memorization")))
 
 
 def flatten(tree, prefix="") -> dict:
@@ -69,32 +95,58 @@ def read_config(run_dir) -> dict:
 
 def summarise(run_dirs, metric) -> tuple:
     """(header, rows): rank, run, metric, step, swept keys...; best first, no result last."""
-    from hpcgan.metrics import METRICS
+    from hpcgan.metrics import higher_is_better
+    from hpcgan.report import selected_checkpoint
 
     runs = []
     for run_dir in run_dirs:
-        found = last_from_metrics_jsonl(os.path.join(run_dir, "metrics.jsonl"), metric) or from_evaluation_json(
-            os.path.join(run_dir, "evaluation.json"), metric
-        )
+        selected = selected_checkpoint(run_dir)
+        guard = selected["guard"] if selected else None
+        if guard:
+            found = from_selected_checkpoint(selected, metric)
+        else:
+            found = _last_evaluation(os.path.join(run_dir, "metrics.jsonl"), metric) or from_evaluation_json(
+                os.path.join(run_dir, "evaluation.json"), metric
+            )
         runs.append(
-            {"run": os.path.basename(os.path.normpath(run_dir)), "result": found, "config": read_config(run_dir)}
+            {
+                "run": os.path.basename(os.path.normpath(run_dir)),
+                "result": found,
+                "config": read_config(run_dir),
+                "guard": guard,
+            }
         )
     configs = [r["config"] for r in runs if r["config"]]  # a run without config.yaml does not make every key "swept"
     keys = sorted({k for c in configs for k in c})
     swept = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
-    sign = -1.0 if METRICS[metric].higher_is_better else 1.0
+    sign = -1.0 if higher_is_better(metric) else 1.0
     done = sorted((r for r in runs if r["result"]), key=lambda r: sign * r["result"][0])  # stable: ties keep order
-    header = ["rank", "run", metric, "step", *swept]
+    any_guard = any(r["guard"] for r in runs)
+    show_memorization = metric != "memorization" and (
+        any_guard or any(r["result"] and r["result"][2] is not None for r in runs)
+    )
+    header = [
+        "rank",
+        "run",
+        metric,
+        "step",
+        *(["memorization"] if show_memorization else []),
+        *(["guard"] if any_guard else []),
+        *swept,
+    ]
     rows = []
     for i, r in enumerate(done + [r for r in runs if not r["result"]]):
-        value, step = r["result"] or (NO_RESULT, "")
+        value, step, memorization = r["result"] or (NO_RESULT, "", None)
         rank = str(i + 1) if r["result"] else "-"
+        guard = f"<= {r['guard']:g}" + ("" if r["result"] else " (none passed)") if r["guard"] else "off"
         rows.append(
             [
                 rank,
                 r["run"],
                 value if isinstance(value, str) else f"{value:.6g}",
                 "" if step is None else str(step),
+                *([f"{memorization:.4g}" if memorization is not None else "-"] if show_memorization else []),
+                *([guard] if any_guard else []),
                 *[str(r["config"].get(k, "")) for k in swept],
             ]
         )
@@ -108,9 +160,10 @@ def format_rows(header, rows) -> str:
 
 def run(args):
     from hpcgan.io import write_bytes_atomic
-    from hpcgan.metrics import check_metric_names
+    from hpcgan.metrics import MASK_ROWS, check_metric_names
 
-    check_metric_names([args.metric], "--metric")
+    if args.metric not in MASK_ROWS:  # segmentation: Dice of hpcgan evaluate --task segmentation, highest first
+        check_metric_names([args.metric], "--metric")
     missing = [d for d in args.runs if not os.path.isdir(d)]
     if len(missing) == len(args.runs):
         raise UsageError(f"{missing[0]}: no such run directory")

@@ -190,6 +190,16 @@ def fid_weights(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: 2 cores shared by many test processes make one BLAS thread several
+    times faster here (as each of mpirun's ranks has)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli_in_process():
     """hpcgan.cli.main, run in this process: it sets up the hpcgan logger on the captured stderr, which

@@ -34,6 +34,14 @@ METRICS = {
     "fid": Metric("hpcgan.metrics.fid", False, "Frechet distance of Inception features (offline weights only)"),
 }
 DEFAULT_METRICS = ("swd", "msssim", "intensity", "memorization")
+# Rows `hpcgan evaluate` adds for a joint image + mask model, beside METRICS: name → higher is better.
+# masks: hpcgan.metrics.masks; segmentation: hpcgan.segmentation (--task segmentation, mean Dice).
+MASK_ROWS = {"masks": False, "segmentation": True}
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of evaluation row `name` (a metric or a mask row) is better."""
+    return METRICS[name].higher_is_better if name in METRICS else MASK_ROWS[name]
 
 
 def check_metric_names(names, key: str, error: type[Exception] = UsageError) -> tuple:
@@ -96,7 +104,7 @@ def verdict(name: str, result: dict) -> str:
     if baseline is None or baseline <= 0:
         return "no baseline"
     ratio = value / baseline
-    if METRICS[name].higher_is_better:
+    if result.get("higher_is_better", name in METRICS and METRICS[name].higher_is_better):
         ratio = 1 / ratio if ratio > 0 else float("inf")
     return "like real data" if ratio <= 1.5 else f"{ratio:.1f}x worse than real"
 

@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 from hpcgan.errors import HpcganError
 from hpcgan.parallel.failure import abort_job
 
@@ -28,6 +30,14 @@ class Group:
     def barrier(self):
         pass
 
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """The element-wise sum of every rank's `array` (same shape and numeric dtype on every rank),
+        on every rank; here a copy. A subclass for several ranks that does not override it (the training
+        backends) refuses rather than return its own part as the sum."""
+        if self.world_size != 1:
+            raise NotImplementedError(f"{type(self).__name__} has no allreduce_sum")
+        return _numeric(array).copy()
+
     def abort(self, code: int):
         """End every rank of the job now, after this rank printed its error line (MPI abort); in a job
         of one process it returns and the caller exits."""
@@ -38,6 +48,15 @@ class Group:
 
 
 ONE_PROCESS = Group()  # the default of functions that take a group: it holds no state
+
+
+def _numeric(array) -> np.ndarray:
+    """`array` as numpy, refused unless it is integer or float: MPI maps only those to its types, and
+    the one-process Group refuses the same, so code tried on one process also runs on many."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"allreduce_sum: expected an integer or float array, got dtype {array.dtype}")
+    return array
 
 
 class MpiGroup(Group):
@@ -55,6 +74,15 @@ class MpiGroup(Group):
 
     def broadcast_object(self, obj=None, root: int = 0):
         return self.comm.bcast(obj, root=root)
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """One MPI Allreduce of a contiguous numeric buffer: a new array, `array` is left as it is."""
+        from mpi4py import MPI
+
+        send = np.ascontiguousarray(_numeric(array))
+        out = np.empty_like(send)
+        self.comm.Allreduce(send, out, op=MPI.SUM)
+        return out
 
     def barrier(self, poll_s: float = 0.005):
         """A barrier that sleeps while it waits. MPI libraries busy-poll inside blocking collectives,

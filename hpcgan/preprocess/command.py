@@ -23,7 +23,8 @@ from hpcgan.errors import HpcganError, UsageError
 from hpcgan.io import write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.preprocess.config import add_arguments, load_preprocess_config
-from hpcgan.preprocess.manifest import build_manifest
+from hpcgan.preprocess.manifest import build_manifest, mask_classes
+from hpcgan.preprocess import transforms as T
 from hpcgan.preprocess.plan import make_plan, shards_of_rank
 from hpcgan.preprocess.shards import record_path, shard_is_finished, write_shard
 from hpcgan.progress import progress_bar
@@ -37,6 +38,27 @@ def _raise_everywhere(rank: int, error):
     if rank != 0:
         raise SystemExit(2 if kind == "usage" else 1)
     raise (UsageError if kind == "usage" else HpcganError)(message)
+
+
+def check_label_set(cfg, records: list):
+    """("usage", message) when the masks do not fit the label set, else None: a --label-map source label
+    that no subject's mask holds (a typo, or the wrong dataset), more labels than a one-hot mask can
+    take, or --class-names that do not name every class."""
+    if not cfg.mask:
+        return None
+    seen = {label for r in records for s in r["subjects"].values() for label in s.get("mask_labels", [])}
+    if cfg.label_map:
+        named = sorted(k for k in T.parse_label_map(cfg.label_map) if k not in (0, T.OTHER_LABELS))
+        absent = [k for k in named if k not in seen]
+        if absent:
+            return "usage", (
+                f"--label-map {cfg.label_map}: label {absent[0]} is in no subject's mask "
+                f"(labels present: {', '.join(map(str, sorted(seen)[:20])) or 'none'})"
+            )
+    classes = mask_classes(cfg, seen)
+    if cfg.class_names and len(cfg.class_names) != classes:
+        return "usage", f"--class-names: {len(cfg.class_names)} names for {classes} classes (0..{classes - 1})"
+    return None
 
 
 def run(args):
@@ -104,8 +126,10 @@ def run(args):
         time.process_time(),
     )
     group.barrier()  # a rank that finished its shards sleeps until the others have too
-    errors = group.gather_object(error)
-    failed = next((e for e in errors if e), None)
+    gathered = group.gather_object((error, records, kept))
+    failed = next((e for e, _, _ in gathered if e), None)
+    if not failed:
+        failed = check_label_set(cfg, [r for _, part, _ in gathered for r in part])
     if failed:
         # Leave nothing from this run behind: a failed run writes no shard and no manifest.
         for name in written:
@@ -115,10 +139,9 @@ def run(args):
         group.barrier()
         _raise_everywhere(rank, failed)
 
-    gathered = group.gather_object((records, kept))
     if rank == 0:
-        by_name = {r["name"]: r for part, _ in gathered for r in part}
-        kept = sorted(name for _, part in gathered for name in part)  # every rank's, not only rank 0's
+        by_name = {r["name"]: r for _, part, _ in gathered for r in part}
+        kept = sorted(name for _, _, part in gathered for name in part)  # every rank's, not only rank 0's
         if kept:
             log.info("kept %d shard(s) finished by an earlier run (checksums match): %s", len(kept), ", ".join(kept))
         manifest = build_manifest(cfg, plan, [by_name[s["name"]] for s in plan["shards"]])

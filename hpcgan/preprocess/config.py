@@ -34,6 +34,15 @@ class PreprocessConfig:
         ["t1"], "comma-separated modalities, stacked as channels in this order"
     )
     mask: str | None = option(None, "modality holding a segmentation/mask, stored as `masks`", default_help="none")
+    label_map: str | None = option(
+        None,
+        "with --mask: source labels to training classes SOURCE=CLASS,..., e.g. 1=1,2=1,4=2 (BraTS: tumour core, "
+        "enhancing); *=CLASS maps every other non-zero label; a label outside the map is an error",
+        default_help="keep the labels as they are",
+    )
+    class_names: list[str] = option(  # noqa: RUF009
+        [], "with --mask: names of classes 0..K-1 for reports, e.g. background,gm,wm", default_help="class 0..K-1"
+    )
     slices: str | None = option(
         None,
         "axial slice range START:STOP after reorientation to RAS, e.g. 60:108",
@@ -76,6 +85,12 @@ class PreprocessConfig:
             raise ValueError("'modalities' needs at least one modality")
         if len(set(self.modalities)) != len(self.modalities) or self.mask in self.modalities:
             raise ValueError("'modalities' and 'mask' must name different modalities")
+        if (self.label_map or self.class_names) and not self.mask:
+            raise ValueError("'label_map' and 'class_names' need 'mask' (the modality holding the labels)")
+        if self.label_map:
+            T.parse_label_map(self.label_map)
+        if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
+            raise ValueError(f"'class_names' must be distinct, non-empty names, got {self.class_names}")
         if self.size not in (32, 64, 128, 256, 512):
             raise ValueError(f"'size' must be a power of two from 32 to 512, got {self.size}")
         n = len(self.modalities)

@@ -6,12 +6,29 @@ import numpy as np
 
 from hpcgan import __version__
 from hpcgan.config import to_dict
+from hpcgan.preprocess import transforms as T
 
 DATASET_FORMAT = "hpcgan-dataset"  # "format" of the manifest and of every shard's attributes
 DATASET_FORMAT_VERSION = 1
 # Keys that name places on disk or how to treat an existing output: never part of the
 # dataset's identity, and paths never reach the manifest.
 NOT_IN_MANIFEST = ("input", "output", "salt_file", "overwrite")
+
+
+def mask_classes(cfg, seen_labels) -> int:
+    """K, the number of classes 0..K-1 of the stored masks: the label map's, else the largest label + 1."""
+    if cfg.label_map:
+        return max(T.parse_label_map(cfg.label_map).values()) + 1
+    return max(seen_labels, default=0) + 1
+
+
+def mask_label_set(cfg, subjects: dict) -> dict:
+    """The manifest's label set: `mask_classes` K (stored masks hold 0..K-1), `class_names`, the
+    `label_map` that made them (None: the source labels as they are) and the source labels present."""
+    seen = sorted({label for s in subjects.values() for label in s.get("mask_labels", [])})
+    classes = mask_classes(cfg, seen)
+    names = list(cfg.class_names) or ["background"] + [f"class {k}" for k in range(1, classes)]
+    return {"mask_classes": classes, "class_names": names, "label_map": cfg.label_map, "mask_labels": seen}
 
 
 def build_manifest(cfg, plan: dict, records: list) -> dict:
@@ -47,6 +64,7 @@ def build_manifest(cfg, plan: dict, records: list) -> dict:
         "modalities": list(cfg.modalities),
         "mask": cfg.mask,
         "has_masks": bool(cfg.mask),
+        **(mask_label_set(cfg, subjects) if cfg.mask else {}),
         "fov_mm": plan["fov_mm"],
         "pixel_spacing_mm": [plan["fov_mm"] / cfg.size] * 2,
         "slice_thickness_mm": plan["slice_thickness_mm"],

@@ -151,9 +151,7 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
             for sid in shard["subjects"]:
                 files = plan["subjects"][sid]["files"]
                 try:
-                    indices, images, masks, ranges, digests = process_subject(
-                        cfg, sid, files, plan["fov_mm"], plan["mask_dtype"]
-                    )
+                    indices, images, masks, info = process_subject(cfg, sid, files, plan["fov_mm"], plan["mask_dtype"])
                 except BadInput as exc:
                     if not cfg.skip_bad:
                         raise
@@ -167,9 +165,11 @@ def write_shard(cfg: PreprocessConfig, plan: dict, shard: dict, progress) -> dic
                     "shard": shard["name"],
                     "slices": len(indices),
                     "slice_indices": [int(i) for i in indices],
-                    "intensity": ranges,
-                    "files": source_files(cfg, sid, files, digests),
+                    "intensity": info["intensity"],
+                    "files": source_files(cfg, sid, files, info["digests"]),
                 }
+                if "mask_labels" in info:
+                    subjects[sid]["mask_labels"] = info["mask_labels"]
                 progress(len(indices))
         finally:
             writer.close({"intensity": {sid: s["intensity"] for sid, s in subjects.items()}})

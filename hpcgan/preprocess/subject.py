@@ -39,7 +39,8 @@ def intensity_range(cfg: PreprocessConfig, volume: np.ndarray):
 
 def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float, mask_dtype: str = "uint16"):
     """Load, check and transform one subject. Returns (slice indices, encoded images
-    (S, C, size, size), masks (S, size, size) or None, {modality: [lo, hi]}, {modality: sha256})."""
+    (S, C, size, size), masks (S, size, size) or None, info): info holds "intensity" {modality: [lo, hi]},
+    "digests" {modality: sha256} and, with a mask, "mask_labels": the source labels in its selected slices."""
     volumes, digests, spacing = [], {}, None
     for modality in cfg.modalities:
         data, affine, digests[modality] = load_volume(
@@ -85,5 +86,14 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
             raise BadInput(sid, f"{mask_label}: mask labels outside 0..{limit}")
         if labels.dtype.kind == "f":
             labels = np.rint(labels)
+        source_labels = [int(v) for v in np.unique(labels)]
+        if cfg.label_map:
+            labels, missing = T.remap_labels(labels, T.parse_label_map(cfg.label_map))
+            if missing:
+                shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+                raise BadInput(sid, f"{mask_label}: mask labels {shown} are not in --label-map {cfg.label_map}")
         masks = T.pad_and_resize_labels(labels, padding, cfg.size).astype(mask_dtype, copy=False)
-    return indices, encoded, masks, {m: [float(lo), float(hi)] for m, (lo, hi) in ranges.items()}, digests
+    info = {"intensity": {m: [float(lo), float(hi)] for m, (lo, hi) in ranges.items()}, "digests": digests}
+    if cfg.mask:
+        info["mask_labels"] = source_labels
+    return indices, encoded, masks, info

@@ -176,6 +176,54 @@ def pad_and_resize_labels(labels: np.ndarray, padding, size: int) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------- label sets
+
+# Classes of a label set are 0..K-1, 0 the background; a generator's one-hot mask has K channels.
+MAX_MASK_CLASSES = 32
+OTHER_LABELS = "*"  # a label map's key for every non-zero source label it does not name
+
+
+def parse_label_map(text: str) -> dict:
+    """'1=1,2=1,4=2' (BraTS: necrosis and oedema -> 1, enhancing -> 2) → {1: 1, 2: 1, 4: 2}; '*=1' maps
+    every other non-zero label (e.g. all atlas regions -> one tissue class). Source 0 is always the
+    background, class 0. The classes used must be 1..K-1 without gaps. ValueError on anything else."""
+    mapping = {}
+    for item in (p.strip() for p in str(text).split(",") if p.strip()):
+        source, sep, target = item.partition("=")
+        try:
+            key = OTHER_LABELS if source.strip() == OTHER_LABELS else int(source)
+            value = int(target)
+        except ValueError:
+            key = value = None
+        if not sep or key is None or (key != OTHER_LABELS and key < 0) or value < 0:
+            raise ValueError(f"label_map: expected SOURCE=CLASS pairs such as 1=1,2=1,4=2 or *=1, got {item!r}")
+        if key in mapping:
+            raise ValueError(f"label_map: label {key} is mapped twice")
+        if key == 0 and value != 0:
+            raise ValueError("label_map: source label 0 is the background and stays class 0")
+        mapping[key] = value
+    classes = sorted(set(mapping.values()) - {0})
+    if not classes:
+        raise ValueError(f"label_map: maps no label to a class >= 1 ({text!r})")
+    if classes != list(range(1, len(classes) + 1)):
+        raise ValueError(f"label_map: the classes must be 1..K-1 without gaps, got {classes}")
+    if len(classes) + 1 > MAX_MASK_CLASSES:
+        raise ValueError(f"label_map: at most {MAX_MASK_CLASSES - 1} classes besides the background")
+    return mapping
+
+
+def remap_labels(labels: np.ndarray, mapping: dict):
+    """(classes as uint8, sorted source labels present that `mapping` does not cover). Background 0 stays 0;
+    with OTHER_LABELS every other non-zero label takes its class."""
+    present = np.unique(labels)
+    table_keys = present.astype(np.int64)
+    other = mapping.get(OTHER_LABELS)
+    missing = [int(v) for v in table_keys if v != 0 and int(v) not in mapping and other is None]
+    lookup = np.array([0 if v == 0 else mapping.get(int(v), other or 0) for v in table_keys], dtype=np.uint8)
+    classes = lookup[np.searchsorted(present, labels)] if labels.size else labels.astype(np.uint8)
+    return classes, missing
+
+
 # ---------------------------------------------------------------- slice selection
 
 

@@ -41,6 +41,15 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float = 0.999  # exponential moving average of G's weights, used for sampling; 0 = off
     diffaugment: str = ""  # comma list of translation, cutout, color
+    # ADA (Karras et al. 2020; hpcgan.augment): each op of ada_policy on each image D sees with probability p,
+    # p steered by r_t = E[sign(D(real))] towards ada_target. 0 = off; 0.6 is the paper's value.
+    ada_target: float = 0.0
+    ada_policy: str = "translation,flip,rotate,scale,color"  # from flip, translation, scale, rotate, color, cutout
+    ada_interval: int = 4  # D steps between updates of p
+    # Images (over all ranks) for p to go from 0 to 1. Karras: 500k, for 10^4..10^5 images and 10^7 shown; a
+    # small medical set overfits within a few thousand steps, so p must be able to answer within that time.
+    ada_speed_images: int = 20000
+    ada_p_max: float = 1.0  # the paper sees leaks beyond ~0.8 for some ops (hpcgan.augment)
     amp: Literal["none", "bf16", "fp16"] = "none"
     # fp16 gradient compression; gradients are divided by the world size before the cast (no overflow
     # of the fp16 sum of scaled AMP gradients).
@@ -61,6 +70,9 @@ class TrainConfig:
     # How long a rank waits in one collective before the job is ended (NCCL/Gloo timeout, Horovod's stall
     # shutdown): longer than the slowest rank-0 duty (evaluation, checkpoint) that the others wait for.
     collective_timeout_s: float = 1800.0
+    # Stop (exit 0, final checkpoint written) once K evaluations in a row are above checkpoint.max_memorization:
+    # on a small dataset memorisation rarely goes back down. 0 = off.
+    stop_on_memorization: int = 0
 
     def __post_init__(self):
         if self.steps < 1:
@@ -75,11 +87,29 @@ class TrainConfig:
             raise ValueError(f"train.collective_timeout_s: must be >= 60, got {self.collective_timeout_s}")
         if self.max_rollbacks < 0:
             raise ValueError(f"train.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
+        if self.stop_on_memorization < 0:
+            raise ValueError(f"train.stop_on_memorization: must be >= 0 (0 = off), got {self.stop_on_memorization}")
         from hpcgan.augment import POLICIES
 
         unknown = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
         if unknown:
             raise ValueError(f"train.diffaugment: unknown policy '{unknown[0]}' (known: {', '.join(sorted(POLICIES))})")
+        self._check_ada()
+
+    def _check_ada(self):
+        from hpcgan.augment import parse_ada_policy
+
+        if not 0 <= self.ada_target < 1:
+            raise ValueError(f"train.ada_target: must be in [0, 1) (0 = off), got {self.ada_target}")
+        if self.ada_interval < 1:
+            raise ValueError(f"train.ada_interval: must be >= 1, got {self.ada_interval}")
+        if self.ada_speed_images < 1:
+            raise ValueError(f"train.ada_speed_images: must be >= 1, got {self.ada_speed_images}")
+        if not 0 < self.ada_p_max <= 1:
+            raise ValueError(f"train.ada_p_max: must be in (0, 1], got {self.ada_p_max}")
+        parse_ada_policy(self.ada_policy)
+        if self.ada_target and self.diffaugment.strip():
+            raise ValueError("train.ada_target: ADA and train.diffaugment are mutually exclusive; set one of them")
 
 
 @dataclass
@@ -100,6 +130,14 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # 0 = off
     keep: int = 3
     best_metric: str = "swd"
+    # Memorisation guard, 0 = off: "best" is the best best_metric among the evaluations whose memorization value
+    # (fraction of generated images nearer a training image than 99% of validation images) is <= this. An
+    # absolute fraction: the validation baseline is ~1% by construction, so 0.05 means 5x what new images score.
+    max_memorization: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.max_memorization < 1:
+            raise ValueError(f"checkpoint.max_memorization: must be in [0, 1) (0 = off), got {self.max_memorization}")
 
 
 @dataclass

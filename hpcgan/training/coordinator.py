@@ -6,7 +6,7 @@ RUN_DIR/
   env.json           versions, backend, world size, devices
   metrics.jsonl      one JSON object per line: training {"step", "epoch", "time_s", "images_per_s",
                      "data_wait", "allreduce_wait" (fractions of wall time), "loss_d", "loss_g", ...};
-                     evaluation {"step", "eval": {...}}
+                     evaluation {"step", "eval": {...}}; fine-tuning {"step": 0, "init_from": {"sha256", ...}}
   samples/grid-00001000.png   the fixed latents rendered by G-EMA every log.sample_every_steps
   checkpoints/       ckpt-00001000.pt, checkpoints.json, latest, best (hpcgan.checkpoint)
   tb/                TensorBoard events (log.tensorboard)"""
@@ -26,7 +26,7 @@ from hpcgan.config import to_dict
 from hpcgan.io import read_jsonl, remove_temp_files, write_bytes_atomic, write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.metrics import METRICS
-from hpcgan.networks import eval_mode
+from hpcgan.networks import eval_mode, split_joint
 from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_png
 
@@ -34,7 +34,9 @@ log = get_logger("coordinator")
 
 
 class Coordinator:
-    def __init__(self, run_dir, cfg, dataset_dir, backend_info: dict):
+    def __init__(self, run_dir, cfg, dataset_dir, backend_info: dict, init_from: dict | None = None):
+        """`init_from`: the record of the checkpoint a fine-tuning run started from (--init-from: its sha256,
+        step, ...), logged at step 0 and kept in every checkpoint of the run."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.dataset_dir = dataset_dir
@@ -61,7 +63,10 @@ class Coordinator:
             keep_last=ck.keep,
             best_metric=ck.best_metric if cfg.eval.every_steps else None,
             best_mode="max" if higher_is_better else "min",
+            max_memorization=ck.max_memorization if cfg.eval.every_steps else None,
         )
+        self.init_from = init_from
+        self.memorized_in_a_row = 0  # evaluations above checkpoint.max_memorization (train.stop_on_memorization)
         self.tb = None
         self.bar = None
         self.last_checkpoint_time = time.monotonic()
@@ -73,6 +78,10 @@ class Coordinator:
         self.grid_latents = grid_latents
         self.last_log = (time.perf_counter(), step)
         self._trim_metrics(step)
+        if self.cfg.checkpoint.max_memorization and step:  # a resumed run continues the count it had
+            for record in read_jsonl(self.run_dir / "metrics.jsonl"):
+                if isinstance(record.get("eval"), dict):
+                    self._count_memorized((record["eval"].get("memorization") or {}).get("value"))
         if self.cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -80,6 +89,8 @@ class Coordinator:
             # killed run logged after the checkpoint this run resumes from.
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1 if step else None)
         self.bar = progress_bar(self.cfg.train.steps, "train", "steps", initial=step)
+        if step == 0 and self.init_from:
+            self._append({"step": 0, "init_from": self.init_from})
         if step == 0 and self.cfg.log.sample_every_steps:
             self.save_grid(0, G)
 
@@ -87,6 +98,13 @@ class Coordinator:
         if self.cfg.log.sample_every_steps and step % self.cfg.log.sample_every_steps and not nonfinite:
             self.save_grid(step, G)
         self.checkpoints.close()  # the last write is on disk before the job ends
+        guard = self.cfg.checkpoint.max_memorization
+        if guard and self.cfg.eval.every_steps and not (self.checkpoints.directory / "best").exists():
+            log.warning(
+                "no evaluated checkpoint passed the memorisation guard (memorization <= checkpoint.max_memorization "
+                "%g): checkpoints/best is not written",
+                guard,
+            )
         if self.tb:
             self.tb.close()
         if self.bar:
@@ -142,7 +160,8 @@ class Coordinator:
             images = G(z, labels).float().cpu().numpy()
         nrow = max(1, int(len(images) ** 0.5))
         path = self.run_dir / "samples" / f"grid-{step:08d}.png"
-        sheet = contact_sheet(images, nrow=nrow)
+        images, masks = split_joint(images, self.cfg.model.channels)
+        sheet = contact_sheet(images, nrow=nrow, masks=masks)
         write_png(sheet, path)
         if self.tb:
             self.tb.add_image("samples", sheet if sheet.ndim == 3 else sheet[..., None], step, dataformats="HWC")
@@ -168,7 +187,44 @@ class Coordinator:
                 if self.tb:
                     self.tb.add_scalar(f"eval/{name}", r["value"], step)
         log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        self._memorization_guard(step, values.get("memorization"))
         return values
+
+    def _memorization_guard(self, step: int, value: float | None):
+        guard = self.cfg.checkpoint.max_memorization
+        if not guard:
+            return
+        if self._count_memorized(value):
+            return
+        log.warning(
+            "step %d: memorization %s > checkpoint.max_memorization %g: this evaluation cannot become checkpoints/best",
+            step,
+            "not measured" if value is None else f"{value:.4g}",
+            guard,
+        )
+
+    def _count_memorized(self, value) -> bool:
+        """Updates the run of evaluations above the guard; True when this one passed."""
+        from hpcgan.checkpoint import passes_memorization_guard
+
+        passed = passes_memorization_guard({"memorization": value}, self.cfg.checkpoint.max_memorization)
+        self.memorized_in_a_row = 0 if passed else self.memorized_in_a_row + 1
+        return passed
+
+    def memorization_stop_due(self, step: int) -> bool:
+        """train.stop_on_memorization: K evaluations in a row above the guard (rank 0's verdict, which the
+        loop hands to every rank). Says so in one line when it is time to stop."""
+        k = self.cfg.train.stop_on_memorization
+        if not k or self.memorized_in_a_row < k:
+            return False
+        log.warning(
+            "stopping at step %d: memorization above checkpoint.max_memorization %g in %d evaluations in a row "
+            "(train.stop_on_memorization); writing the final checkpoint",
+            step,
+            self.cfg.checkpoint.max_memorization,
+            self.memorized_in_a_row,
+        )
+        return True
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def checkpoint_due_by_time(self) -> bool:
@@ -199,6 +255,8 @@ class Coordinator:
 
     def checkpoint(self, state: dict, step: int, eval_values: dict | None):
         """Copies the state to host memory now and writes it in the background."""
+        if self.init_from:
+            state = {**state, "init_from": self.init_from}
         self.checkpoints.submit(state, step, metrics=eval_values)
         self.last_checkpoint_time = time.monotonic()
 

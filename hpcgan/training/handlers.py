@@ -40,7 +40,8 @@ class Handler:
 
 class TrainLog(Handler):
     """Loss statistics averaged over the steps since the last line and over ranks, with the time rank 0
-    waited for data and for the gradient allreduce: metrics.jsonl, TensorBoard and the progress bar."""
+    waited for data and for the gradient allreduce: metrics.jsonl, TensorBoard and the progress bar.
+    With ADA also `r_t` (the overfitting heuristic, a step statistic like the losses) and `aug_p`."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -62,6 +63,8 @@ class TrainLog(Handler):
         if step % self.cfg.log.every_steps and not events.done:
             return
         metrics = self.backend.mean_metrics({k: float(v) / max(self.count, 1) for k, v in self.sums.items()})
+        if self.state.ada is not None:  # ADA: p now (the same on every rank); r_t is a step statistic above
+            metrics["aug_p"] = self.state.ada.p
         self.discard()
         sync_seconds = self.backend.sync_seconds
         waits = {"data": self.data_wait_s, "allreduce": sync_seconds - self.sync_seconds}
@@ -173,7 +176,7 @@ def evaluate_during_training(cfg, G, backend, coordinator, step):
         if not coordinator:
             return None
         images = generate(G, cfg, list(range(n)), backend.device).numpy()
-    return coordinator.evaluate(step, images)
+    return coordinator.evaluate(step, images[:, : cfg.model.channels])  # joint mode: the image channels
 
 
 def generate(G, cfg, indices, device) -> torch.Tensor:
@@ -198,5 +201,14 @@ def fixed_grid_latents(seed, n, latent_dim, num_classes, device):
 
 def dataset_info(manifest: dict) -> dict:
     """What sampling needs to know about the data: shapes and physical units, never paths or subjects."""
-    keys = ("image_shape", "pixel_spacing_mm", "slice_thickness_mm", "intensity", "modalities", "dtype")
+    keys = (
+        "image_shape",
+        "pixel_spacing_mm",
+        "slice_thickness_mm",
+        "intensity",
+        "modalities",
+        "dtype",
+        "mask_classes",
+        "class_names",
+    )
     return {k: manifest.get(k) for k in keys}

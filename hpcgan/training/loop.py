@@ -30,9 +30,18 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint written, 
 EXIT_NONFINITE = 65
 
 
-def run_training(cfg, dataset_dir, manifest: dict, backend, coordinator=None, resume_state: dict | None = None) -> int:
-    """Run `cfg.train.steps` steps (from a resumed state if given). Returns 0, EXIT_REQUEUE when a
-    preemption signal stopped the run after a checkpoint, or EXIT_NONFINITE when NaN/inf stopped it
+def run_training(
+    cfg,
+    dataset_dir,
+    manifest: dict,
+    backend,
+    coordinator=None,
+    resume_state: dict | None = None,
+    init_state: dict | None = None,
+) -> int:
+    """Run `cfg.train.steps` steps (from a resumed state if given; a fresh run from `init_state`'s networks
+    with --init-from). Returns 0 (also when train.stop_on_memorization ended it early), EXIT_REQUEUE when
+    a preemption signal stopped the run after a checkpoint, or EXIT_NONFINITE when NaN/inf stopped it
     (train.nonfinite). `coordinator` is given on rank 0 only."""
     tc, device = cfg.train, backend.device
     set_determinism(tc.deterministic, device, cfg.model.resize_mode)
@@ -49,11 +58,14 @@ def run_training(cfg, dataset_dir, manifest: dict, backend, coordinator=None, re
         labels=tc.labels,
         num_workers=tc.num_workers,
         pin_memory=device.type == "cuda",
+        mask_classes=cfg.model.mask_classes,
     )
     if resume_state is not None:
         state.load_state_dict(resume_state, sampler.batches_per_epoch)
     else:
         state.broadcast_initial()
+        if init_state is not None:  # the same dict on every rank (broadcast): the replicas agree
+            state.load_weights(init_state)
     if resume_state is None or backend.rank >= len(resume_state["rng"]):
         seed_rank(tc.seed, backend.rank, pos.step)
     sampler.set_epoch(pos.epoch, pos.batch_in_epoch)
@@ -112,8 +124,15 @@ def run_training(cfg, dataset_dir, manifest: dict, backend, coordinator=None, re
             continue
 
         events = StepEvents(done=pos.step == tc.steps, preempt=bool(preempt), timed_checkpoint=bool(timed_checkpoint))
+        memorized = False
         for handler in handlers:
             handler.after_step(pos.step, events)
+            if handler is evaluation and not events.done and memorization_stop(cfg, backend, coordinator, pos.step):
+                events.done = memorized = True  # the handlers after the evaluation end the run: final checkpoint
+        if memorized:  # train.stop_on_memorization: an orderly end, exit 0
+            if pos.step % cfg.log.every_steps:  # the last log line, as at the end of a run
+                train_log.after_step(pos.step, events)
+            break
         if events.preempt:
             log.warning(
                 "preemption signal received: checkpoint written at step %d, exiting with %d", pos.step, EXIT_REQUEUE
@@ -128,6 +147,15 @@ def run_training(cfg, dataset_dir, manifest: dict, backend, coordinator=None, re
         flag.restore()
     backend.barrier()  # nobody leaves before rank 0 has flushed the last checkpoint
     return exit_code
+
+
+def memorization_stop(cfg, backend, coordinator, step: int) -> bool:
+    """Collective after each periodic evaluation when train.stop_on_memorization is on: rank 0's verdict
+    (K evaluations in a row above checkpoint.max_memorization) reaches every rank, so all stop together."""
+    every = cfg.eval.every_steps
+    if not cfg.train.stop_on_memorization or not every or step % every:
+        return False
+    return bool(backend.broadcast_object(coordinator.memorization_stop_due(step) if coordinator else None))
 
 
 def set_determinism(deterministic: bool, device: torch.device, resize_mode: str = "nearest"):

@@ -10,6 +10,8 @@ here and nowhere else (hpcgan.checkpoint stores it; hpcgan.train adds the config
   G_ema         the moving average of G (None without EMA)
   opt_G, opt_D, scaler_G, scaler_D   optimizer and scaler states (scalers: None without fp16)
   rng           each rank's RNG states (torch, its own CUDA device, numpy, Python)
+  ada           train.ada_target > 0: {p, sign_sum, count}, the augmentation probability (the same on
+                every rank) and the sign(D(real)) sum over ranks since its last update; None without ADA
   replica_digest  sha256 of the weights, equal on every rank when the checkpoint was taken"""
 
 import copy
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpcgan.augment import AdaptiveAugment
 from hpcgan.checkpoint import capture_rng_state, restore_rng_state
 from hpcgan.errors import HpcganError
 from hpcgan.log import get_logger
@@ -63,6 +66,11 @@ class TrainState:
         self.scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
         self.position = Position()
         self.backend, self.batch_size = backend, tc.batch_size
+        self.ada = (
+            AdaptiveAugment(tc.ada_policy, tc.ada_target, tc.ada_interval, tc.ada_speed_images, tc.ada_p_max)
+            if tc.ada_target > 0
+            else None
+        )
 
     def broadcast_initial(self):
         """A fresh run: rank 0's initial weights everywhere (the seeded init already agrees; this makes
@@ -101,6 +109,7 @@ class TrainState:
                 "rng": capture_rng_state(backend.device),
                 "replica": replica_digest(self.G, self.D),
                 "buffers": {"G": own_buffers(self.G), "D": own_buffers(self.D)},
+                **({"ada": (self.ada.p, *self.ada.local_totals())} if self.ada else {}),
             }
         )
         digests = [g["replica"] for g in gathered]
@@ -109,6 +118,7 @@ class TrainState:
                 f"step {pos.step}: the ranks' weights have drifted apart (digests {digests}); "
                 "this is a bug or a faulty node, please report it with `hpcgan doctor` output"
             )
+        ada = self._gathered_ada([g.get("ada") for g in gathered])
         if not backend.is_root:
             return None
         return {
@@ -127,7 +137,21 @@ class TrainState:
             "scaler_D": self.scaler_D.state_dict() if self.scaler_D else None,
             "rng": [g["rng"] for g in gathered],
             "replica_digest": digests[0],
+            "ada": ada,
         }
+
+    def _gathered_ada(self, per_rank: list) -> dict | None:
+        """The checkpoint's ADA entry from every rank's (p, sign sum, count); refuses ranks whose p differ."""
+        if self.ada is None:
+            return None
+        ps = [entry[0] for entry in per_rank]
+        if len(set(ps)) != 1:
+            raise HpcganError(
+                f"step {self.position.step}: the ranks' augmentation probabilities differ ({ps}); "
+                "this is a bug, please report it with `hpcgan doctor` output"
+            )
+        # Whole numbers: the sum over ranks is exact, and restored on rank 0 alone it sums the same again.
+        return {"p": ps[0], "sign_sum": sum(e[1] for e in per_rank), "count": sum(e[2] for e in per_rank)}
 
     def load_state_dict(self, state: dict, batches_per_epoch: int):
         """The exact inverse of state_dict on the same world size. On another world size (or batch) the
@@ -165,6 +189,24 @@ class TrainState:
         if backend.rank < len(state["rng"]):
             restore_rng_state(state["rng"][backend.rank], backend.device)
         self._restore_own_buffers(state)
+        if self.ada is not None:
+            # A checkpoint without ADA (older, or trained without it) starts p at 0, as a fresh run does.
+            saved = state.get("ada") or {"p": 0.0, "sign_sum": 0.0, "count": 0}
+            self.ada.p = min(float(saved["p"]), self.ada.p_max)
+            root = backend.rank == 0  # the interval's totals so far, counted once
+            self.ada.sign_sum, self.ada.count = (saved["sign_sum"], saved["count"]) if root else (0.0, 0)
+
+    def load_weights(self, init: dict):
+        """--init-from: another run's G, D and G-EMA (G where it has none), and with opt_G/opt_D their
+        per-parameter Adam moments under this config's learning rates and betas. Nothing of its position,
+        RNG or scalers: the fine-tuning run starts at step 0 with its own."""
+        self.G.load_state_dict(init["G"])
+        self.D.load_state_dict(init["D"])
+        sampling = init.get("G_ema") if self.G_ema is not None and init.get("G_ema") is not None else init["G"]
+        self.G_sampling.load_state_dict(sampling)
+        for opt, key in ((self.opt_G, "opt_G"), (self.opt_D, "opt_D")):
+            if init.get(key) is not None:
+                opt.load_state_dict({"state": init[key]["state"], "param_groups": opt.state_dict()["param_groups"]})
 
     @torch.no_grad()
     def _restore_own_buffers(self, state: dict):

@@ -3,8 +3,9 @@
 Reproducibility (what makes 2 ranks equal 1 process and a resume bit-exact): the latents of a step
 come from a generator seeded by (seed, step, stream), stream = 2 x rollbacks (+1 for G); each step
 draws the latents of the *global* batch and a rank takes its slice, so what a rank sees never
-depends on history. Everything else random inside a step (dropout, D input noise, DiffAugment, the
-gradient-penalty mix) uses the per-rank torch RNG, saved per rank in each checkpoint."""
+depends on history. Everything else random inside a step (dropout, D input noise, DiffAugment or ADA,
+the gradient-penalty mix) uses the per-rank torch RNG, saved per rank in each checkpoint. ADA's p moves
+only by statistics summed over ranks, so it is the same on every rank."""
 
 import random
 from contextlib import nullcontext
@@ -62,8 +63,15 @@ class GanSteps:
     def __init__(self, cfg, state, backend):
         self.cfg, self.state, self.backend = cfg, state, backend
         self.global_batch = cfg.train.batch_size * backend.world_size
-        policy = cfg.train.diffaugment
-        self.augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+        policy, ada = cfg.train.diffaugment, state.ada
+        # Joint mode: the first model.channels channels are the image, the mask channels follow.
+        channels = cfg.model.channels
+        if ada is not None:
+            self.augment = lambda x: ada(x, channels)
+        elif policy:
+            self.augment = lambda x: diff_augment(x, policy, channels)
+        else:
+            self.augment = lambda x: x
 
     def D_aug(self, x, labels=None):
         return self.state.D(self.augment(x), labels)
@@ -88,14 +96,43 @@ class GanSteps:
         z, fake_labels = self.latents(pos.step, 2 * pos.rollbacks)
         with torch.no_grad(), self.amp():
             fake = s.G(z, fake_labels)
+        D, seen = self.D_aug, {}
+        if s.ada is not None:
+
+            def D(x, labels=None):  # keeps D's scores of the real batch, which d_loss hands over as it is
+                scores = self.D_aug(x, labels)
+                if x is real:
+                    seen["real"] = scores
+                return scores
+
         with self.amp():
-            loss, stats = d_loss(lc, self.D_aug, real, fake, real_labels, fake_labels)
+            loss, stats = d_loss(lc, D, real, fake, real_labels, fake_labels)
         s.opt_D.zero_grad()  # torch >= 2.0: grads set to None
         (s.scaler_D.scale(loss) if s.scaler_D else loss).backward()
         self.backend.step(s.opt_D, s.scaler_D)
         if lc.type == "wgan":
             clip_weights_(s.D, lc.clip_value)
+        if s.ada is not None:
+            stats.update(self.observe_overfitting(seen["real"], stats["d_fake"]))
         return {"loss_d": loss.detach(), **stats}
+
+    def observe_overfitting(self, real_scores, fake_mean) -> dict:
+        """ADA's heuristic r_t = E[sign(D(real) - c)] on this step's (augmented) real batch, c being D's
+        decision boundary: 0 for bce and hinge (Karras et al.'s E[sign(D(real))]), half the real target for
+        lsgan, and for wgan/wgan-gp, whose critic has no fixed zero (only differences of scores count), the
+        batch's mean fake score. Every ada_interval D steps p moves by the r_t of the interval over all ranks."""
+        s, lc = self.state, self.cfg.loss
+        if lc.type in ("wgan", "wgan-gp"):
+            boundary = fake_mean.float()
+        else:
+            boundary = (1.0 - lc.label_smoothing) / 2 if lc.type == "lsgan" else 0.0
+        signs = (real_scores.detach().float() - boundary).sign()
+        s.ada.observe(signs)
+        if (s.position.step + 1) % s.ada.interval == 0:
+            # Whole numbers summed over ranks: exact, so every rank computes the same p from them.
+            totals = torch.tensor(s.ada.local_totals(), dtype=torch.float64)
+            s.ada.adjust(*self.backend.allreduce_(totals, "sum").tolist())
+        return {"r_t": signs.mean()}
 
     def g_step(self) -> dict:
         """D frozen so that its gradient hooks stay silent; then the EMA of G."""
