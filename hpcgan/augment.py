@@ -159,6 +159,12 @@ def _chosen(x, probability):
     return (torch.rand(x.shape[0], device=x.device) < probability).view(-1, 1, 1, 1)
 
 
+def _sometimes(op, x, probability):
+    """`op` on each image with this probability: which images is drawn first, then op's own numbers."""
+    chosen = _chosen(x, probability)
+    return torch.where(chosen, op(x), x)
+
+
 def _affine(x, rotate: bool, scale: bool, p: float):
     """Rotation and isotropic scaling, each with probability p, in one bilinear resampling (float32,
     reflection padding). Images that get neither are returned untouched (not resampled)."""
@@ -196,19 +202,16 @@ def ada_augment(x, p: float, ops, image_channels: int | None = None):
     if p <= 0:
         return x
     if "flip" in ops:
-        x = torch.where(_chosen(x, p / 2), x.flip(-1), x)
+        x = _sometimes(lambda x: x.flip(-1), x, p / 2)
     if "translation" in ops:
-        chosen = _chosen(x, p)
-        x = torch.where(chosen, rand_translation(x, padding="reflection"), x)
+        x = _sometimes(lambda x: rand_translation(x, padding="reflection"), x, p)
     if "rotate" in ops or "scale" in ops:
         x = _affine(x, "rotate" in ops, "scale" in ops, p)
     if "color" in ops:
         for op in INTENSITY_OPS:
-            chosen = _chosen(x, p)
-            x = torch.where(chosen, on_images(op, x, image_channels), x)
+            x = _sometimes(lambda x, op=op: on_images(op, x, image_channels), x, p)
     if "cutout" in ops:
-        chosen = _chosen(x, p)
-        x = torch.where(chosen, rand_cutout(x), x)
+        x = _sometimes(rand_cutout, x, p)
     return x
 
 

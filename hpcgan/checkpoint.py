@@ -40,6 +40,15 @@ log = get_logger("checkpoint")
 POINTERS = ("latest", "best")
 
 
+def read_pointer(path) -> str | None:
+    """The checkpoint file name a `latest` or `best` pointer holds, or None when there is no such file."""
+    try:
+        with open(path) as f:
+            return f.read(1024).strip()
+    except OSError:
+        return None
+
+
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
@@ -404,8 +413,8 @@ def resolve_checkpoint(path) -> Path:
     a checkpoints/ directory or a run directory holding one → its newest valid checkpoint. UsageError
     naming the path when there is none."""
     path = Path(path)
-    if path.is_file() and path.name in POINTERS and path.stat().st_size < 1024:
-        target = path.parent / path.read_text().strip()
+    if path.is_file() and path.name in POINTERS and path.stat().st_size < 1024:  # a pointer, not a checkpoint
+        target = path.parent / read_pointer(path)
         if target.parent != path.parent or not target.is_file():
             raise UsageError(f"{path}: names {target.name!r}, which is not a checkpoint in {path.parent}")
         return target

@@ -131,9 +131,11 @@ class SliceDataset(torch.utils.data.Dataset):
         name, row = self.locate(index)
         try:
             image = decode(self._dataset(name, "images")[row])
-            label = int(self._dataset(name, "masks")[row].any()) if self.labels == "mask" else 0
+            # One read of the slice's mask serves the class label and joint mode alike.
+            stored = self._dataset(name, "masks")[row] if self.labels == "mask" or self.mask_classes else None
+            label = int(stored.any()) if self.labels == "mask" else 0
             if self.mask_classes:  # joint mode: the mask's one-hot channels follow the image's
-                mask = torch.from_numpy(self._dataset(name, "masks")[row].astype(np.int64))
+                mask = torch.from_numpy(stored.astype(np.int64))
                 if int(mask.max()) >= self.mask_classes:
                     raise HpcganError(
                         f"{os.path.join(self.dataset_dir, name)}: mask {row} holds class {int(mask.max())}, "

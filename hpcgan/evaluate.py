@@ -148,27 +148,22 @@ def generated_images(args, group, image_channels: int):
     return group.broadcast_object(payload)
 
 
-def real_images(dataset_dir, max_real, seed):
+def real_images(dataset_dir, manifest: dict, max_real, seed):
     """(train, val or None, train masks, val masks): fixed random subsets of at most max_real slices of each
     split, with their masks (N, H, W) when the dataset has them (else None)."""
-    from hpcgan.data import load_manifest, read_slices
+    from hpcgan.data import read_slices
 
-    manifest = load_manifest(dataset_dir)
-    has_masks = bool(manifest.get("has_masks"))
-    train, train_masks = (
-        read_slices(dataset_dir, "train", max_items=max_real, seed=seed, with_masks=True)
-        if (has_masks)
-        else (read_slices(dataset_dir, "train", max_items=max_real, seed=seed), None)
-    )
+    def read(split):
+        if manifest.get("has_masks"):
+            return read_slices(dataset_dir, split, max_items=max_real, seed=seed, with_masks=True)
+        return read_slices(dataset_dir, split, max_items=max_real, seed=seed), None
+
+    train, train_masks = read("train")
     if len(train) < 2:
         raise UsageError(f"{dataset_dir}: the train split has {len(train)} slices; evaluation needs at least 2")
     val, val_masks = None, None
     if "val" in manifest["splits"] and manifest["splits"]["val"].get("slices", 1) > 0:
-        val, val_masks = (
-            read_slices(dataset_dir, "val", max_items=max_real, seed=seed, with_masks=True)
-            if (has_masks)
-            else (read_slices(dataset_dir, "val", max_items=max_real, seed=seed), None)
-        )
+        val, val_masks = read("val")
     if val is not None and not len(val):
         val, val_masks = None, None
     return train, val, train_masks, val_masks
@@ -233,7 +228,7 @@ def run(args):
     manifest = load_manifest(args.data)
     if args.task and not manifest.get("has_masks"):
         raise UsageError(f"--task {args.task}: {args.data} has no masks (preprocess it with --mask)")
-    train, val, train_masks, val_masks = real_images(args.data, args.max_real, args.seed)
+    train, val, train_masks, val_masks = real_images(args.data, manifest, args.max_real, args.seed)
     if args.task and val_masks is None:
         raise UsageError(f"--task {args.task}: {args.data} has no validation split to test the U-Nets on")
     group = world_group()

@@ -80,7 +80,7 @@ def selected_checkpoint(run_dir) -> dict | None:
     None for a run without evaluation during training (nothing to select by)."""
     import yaml
 
-    from hpcgan.checkpoint import CHECKPOINTS_DIR, read_index
+    from hpcgan.checkpoint import CHECKPOINTS_DIR, read_index, read_pointer
 
     try:
         with open(os.path.join(run_dir, "config.yaml")) as f:
@@ -92,11 +92,7 @@ def selected_checkpoint(run_dir) -> dict | None:
     ck = config.get("checkpoint") or {}
     directory = os.path.join(run_dir, CHECKPOINTS_DIR)
     entries = read_index(directory) if os.path.isdir(directory) else []
-    try:
-        with open(os.path.join(directory, "best")) as f:
-            name = f.read().strip()
-    except OSError:
-        name = None
+    name = read_pointer(os.path.join(directory, "best"))
     entry = next((e for e in entries if e.get("file") == name), None) if name else None
     return {
         "metric": ck.get("best_metric", "swd"),

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcgan.errors import UsageError
+from hpcgan.networks import eval_mode
 from hpcgan.parallel.group import ONE_PROCESS
 
 ARMS = ("real", "synthetic", "real+synthetic")
@@ -240,12 +241,11 @@ def predict(model: nn.Module, images, batch_size: int = 64) -> np.ndarray:
     """(N, H, W) int64 labels: argmax of `model`'s logits, in batches on its device."""
     device = next(model.parameters()).device
     images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, np.float32))
-    was_training = model.training
-    model.eval()
-    out = [
-        model(images[i : i + batch_size].to(device).float()).argmax(1).cpu() for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
+    with eval_mode(model):
+        out = [
+            model(images[i : i + batch_size].to(device).float()).argmax(1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     if not out:
         return np.zeros((0, *images.shape[2:]), np.int64)
     return torch.cat(out).numpy().astype(np.int64, copy=False)
