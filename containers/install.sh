@@ -11,15 +11,19 @@
 #                 empty: pip's own configuration (a pip.conf bound into the build, see README.md)
 #   TORCH_SPEC    torch requirement (default: torch)
 #
-# Build cache: when the build binds a directory at /var/cache/hpcgan (`podman build -v
-# ~/.cache/hpcgan:/var/cache/hpcgan`), the Horovod wheel is taken from and kept there, keyed like
-# scripts/setup.sh's cache, so an image rebuilt after a source change does not compile Horovod again.
+# Build cache: when the build binds a directory at /var/cache/hpcgan/wheels (`podman build -v
+# ~/.cache/hpcgan/wheels:/var/cache/hpcgan/wheels`), the Horovod and mpi4py wheels are taken from and kept
+# there, keyed like scripts/setup.sh's cache, so an image build on a machine that has them compiles neither.
 set -euo pipefail
 : "${MPI:?MPI=source or debian}"
 SRC=/opt/hpcgan
 VENV=/opt/venv
 BUILD_CACHE=/var/cache/hpcgan
-if [ -d "$BUILD_CACHE" ] && [ -w "$BUILD_CACHE" ]; then cache=$BUILD_CACHE keep_cache=1; else cache=/tmp/hpcgan-cache keep_cache=0; fi
+if [ -d "$BUILD_CACHE/wheels" ] && [ -w "$BUILD_CACHE/wheels" ]; then
+  cache=$BUILD_CACHE keep_cache=1
+else
+  cache=/tmp/hpcgan-cache keep_cache=0
+fi
 export DEBIAN_FRONTEND=noninteractive
 
 apt-get update -qq

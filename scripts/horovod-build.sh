@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by scripts/setup.sh (and by tests/test_setup_script.py, which runs each function in real
-# bash): the decisions about the Horovod build, kept apart from the installing so that they can be
+# bash): the decisions about the Horovod build (and the cache of compiled wheels it shares with mpi4py), kept apart from the installing so that they can be
 # tested on a machine without a GPU. Defines functions only; running nothing.
 
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
@@ -153,4 +153,47 @@ check_horovod_build() {
     die "torch has CUDA $cuda but Horovod was built without NCCL${wheel_dir:+ (its cached wheel is removed)}:" \
       "see the build log for 'NCCL'"
   fi
+}
+
+# cached_wheel_ok VPY WHEEL_DIR NAME EXTENSION: succeeds when WHEEL_DIR holds exactly one NAME-*.whl that reads
+# to its end (every member's CRC) and has its compiled extension (a member EXTENSION*.so). A missing WHEEL_DIR
+# fails quietly; a damaged one (an interrupted copy, a truncated file, a directory where the wheel should be)
+# is removed with one line saying why, so that the caller builds it again.
+cached_wheel_ok() {
+  local vpy=$1 wheel_dir=$2 name=$3 extension=$4 problem
+  [ -e "$wheel_dir" ] || return 1
+  problem=$("$vpy" - "$wheel_dir" "$name" "$extension" 2>&1 <<'PY'
+import glob, os, sys, zipfile
+folder, name, extension = sys.argv[1:]
+wheels = glob.glob(os.path.join(folder, f"{name}-*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"{len(wheels)} {name}-*.whl files where one belongs")
+wheel = os.path.basename(wheels[0])
+if not os.path.isfile(wheels[0]) or os.path.islink(wheels[0]):
+    sys.exit(f"{wheel} is not a regular file")
+try:
+    with zipfile.ZipFile(wheels[0]) as archive:
+        bad = archive.testzip()
+        members = archive.namelist()
+except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    sys.exit(f"{wheel} is not a readable wheel ({exc})")
+if bad is not None:
+    sys.exit(f"{bad} in {wheel} fails its checksum")
+if not any(m.startswith(extension) and m.endswith(".so") for m in members):
+    sys.exit(f"{wheel} has no {extension}*.so")
+PY
+  ) && return 0
+  say "the cached $name wheel in $wheel_dir is damaged ($problem): building it again"
+  rm -rf "$wheel_dir"
+  return 1
+}
+
+# cache_wheel CACHE WHEEL_DIR BUILT_DIR: moves the one wheel in BUILT_DIR into WHEEL_DIR under a temporary name,
+# then renames it, so that an interrupted copy never looks like a wheel.
+cache_wheel() {
+  local partial
+  mkdir -p "$1/wheels"
+  partial=$(mktemp -d "$1/wheels/.partial-XXXXXX")
+  cp "$3"/*.whl "$partial/"
+  mv -T "$partial" "$2" || rm -rf "$partial"  # another set-up may have just put its own there
 }

@@ -10,7 +10,7 @@
 #      HPCGAN_DEV_TOOLS=0 (images) leaves out these test tools (shellcheck, chromium) and the `test` extra.
 #   3. A virtual environment in .venv with torch (kept if already there, e.g. a CUDA build you
 #      installed yourself; else $HPCGAN_TORCH, default torch==2.13.0), mpi4py built against the
-#      MPI on PATH, and hpcgan with its dependencies.
+#      MPI on PATH (its wheel cached in $HPCGAN_CACHE like Horovod's), and hpcgan with its dependencies.
 #   4. Horovod 0.28.1 built from its PyPI sdist (sha256-pinned) with one patch: its CMake files ask
 #      for C++14, torch >= 2.1 headers need C++17; both lines are set to 17 (upstream PR #3998,
 #      never released). PyTorch only; MPI + Gloo controllers; NCCL when torch has CUDA (then nvcc
@@ -88,15 +88,27 @@ if ! "$VPY" -c 'import torch' 2>/dev/null; then
   say "installing $TORCH_SPEC"
   pip install "$TORCH_SPEC"
 fi
+read -r TORCH_VERSION CUDA_VERSION PY_TAG < <(torch_build "$VPY")
 pip install wheel "setuptools>=64" packaging
-"$VPY" -c 'import mpi4py' 2>/dev/null || { say "building mpi4py against $(command -v mpicc)"; pip install --no-binary mpi4py mpi4py; }
+if ! "$VPY" -c 'import mpi4py' 2>/dev/null; then
+  # Compiled against the MPI on PATH (minutes: one large C file), cached like Horovod's wheel, so that a new
+  # venv or an image build on this machine installs it in seconds.
+  MPI4PY_DIR="$CACHE/wheels/mpi4py-$MPI_VERSION-$PY_TAG"
+  if ! cached_wheel_ok "$VPY" "$MPI4PY_DIR" mpi4py mpi4py/MPI.; then
+    say "building mpi4py against $(command -v mpicc); a few minutes, once per machine"
+    MPI4PY_BUILD=$(mktemp -d)
+    pip wheel --no-deps --no-binary mpi4py -w "$MPI4PY_BUILD" mpi4py
+    cache_wheel "$CACHE" "$MPI4PY_DIR" "$MPI4PY_BUILD"
+    rm -rf "$MPI4PY_BUILD"
+  fi
+  pip install --no-deps "$MPI4PY_DIR"/mpi4py-*.whl
+fi
 say "installing hpcgan and its dependencies"
 extras=sample-data
 [ "$DEV_TOOLS" = 0 ] || extras=test,$extras
 pip install -e "${ROOT}[$extras]"
 
 # --- 4. Horovod ----------------------------------------------------------------------------
-read -r TORCH_VERSION CUDA_VERSION PY_TAG < <(torch_build "$VPY")
 NCCL_VERSION=""
 if [ "$CUDA_VERSION" != cpu ]; then
   find_nccl "$VPY" "$CUDA_VERSION"
@@ -105,7 +117,7 @@ if [ "$CUDA_VERSION" != cpu ]; then
 fi
 KEY=$(horovod_cache_key "$HOROVOD_VERSION" "$TORCH_VERSION" "$CUDA_VERSION" "$MPI_VERSION" "$PY_TAG" "$NCCL_VERSION")
 WHEEL_DIR="$CACHE/wheels/$KEY"
-if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+if ! cached_wheel_ok "$VPY" "$WHEEL_DIR" horovod horovod/torch/mpi_lib_v2; then
   say "building Horovod $HOROVOD_VERSION for torch $TORCH_VERSION ($CUDA_VERSION, $MPI_VERSION); a few minutes, once per machine"
   BUILD=$(mktemp -d)
   trap 'rm -rf "$BUILD"' EXIT
@@ -128,8 +140,7 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS
   if [ "$CUDA_VERSION" != cpu ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
   pip wheel --no-deps --no-build-isolation -w "$BUILD/wheel" "$SRC"
-  mkdir -p "$WHEEL_DIR"
-  cp "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR/"
+  cache_wheel "$CACHE" "$WHEEL_DIR" "$BUILD/wheel"
 fi
 say "installing Horovod from $WHEEL_DIR"
 pip install --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl

@@ -8,11 +8,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import tarfile
 
 import pytest
 
 from conftest import REPO, mpi_env, mpirun_cmd, requires_mpirun, run_cmd
-from container_build import Podman, PodmanUnavailable, ensure_podman
+from container_build import Podman, PodmanUnavailable, base_tarball, ensure_podman, tarball_problem
 
 CONTAINERS = REPO / "containers"
 RUNTIME = shutil.which("apptainer") or shutil.which("singularity")
@@ -38,15 +40,85 @@ def test_def_and_dockerfile_take_the_same_build_arguments_and_sources():
     docker_args = dict(re.findall(r"^ARG (\w+)=(\S+)", dockerfile, re.M))
     assert def_args == docker_args
     def_files = sorted(line.split()[0] for line in sections["files"])
-    docker_files = sorted(
-        word for line in re.findall(r"^COPY (.+) /opt/hpcgan/\S*$", dockerfile, re.M) for word in line.split()
-    )
+    copied = [word for line in re.findall(r"^COPY (.+) /opt/hpcgan/\S*$", dockerfile, re.M) for word in line.split()]
+    # The Dockerfile copies a few files early (its dependencies layer) and their folders later.
+    docker_files = sorted({path for path in copied if not any(path.startswith(f"{other}/") for other in copied)})
     assert def_files == docker_files
     for path in def_files:  # everything scripts/setup.sh and `pip install -e` need is copied
         assert (REPO / path).exists(), path
     assert "containers/install.sh" in " ".join(sections["post"]) and "containers/install.sh" in dockerfile
     assert sections["runscript"] == ['exec hpcgan "$@"'] and sections["test"] == ["hpcgan doctor"]
     assert 'bash "$SRC/scripts/setup.sh"' in (CONTAINERS / "install.sh").read_text()  # one way to build Horovod
+
+
+# What decides the dependencies layer: scripts/setup.sh installs from these alone (hpcgan's version and
+# requirements, the set-up and its Horovod decisions, the image's install script).
+DEPENDENCY_FILES = {
+    "setup.cfg",
+    "pyproject.toml",
+    "hpcgan/__init__.py",
+    "scripts/setup.sh",
+    "scripts/horovod-build.sh",
+    "containers/install.sh",
+}
+
+
+def test_the_dockerfile_installs_dependencies_before_it_copies_the_sources():
+    lines = (CONTAINERS / "Dockerfile").read_text().splitlines()
+    install = next(i for i, line in enumerate(lines) if line.startswith("RUN "))
+    assert "containers/install.sh" in " ".join(lines[install : install + 3])
+    before = {word for line in lines[:install] if line.startswith("COPY ") for word in line.split()[1:-1]}
+    after = {word for line in lines[install:] if line.startswith("COPY ") for word in line.split()[1:-1]}
+    assert before == DEPENDENCY_FILES
+    assert {"hpcgan", "configs", "scripts", "slurm", "containers", "README.md"} <= after
+    # setup.cfg reads nothing that only the later layer has (a README change must not re-run install.sh)
+    assert "file:" not in (REPO / "setup.cfg").read_text()
+
+
+def test_a_tarball_that_is_not_a_debian_root_file_system_is_refused(tmp_path):
+    assert tarball_problem(tmp_path / "none.tar") == "missing"
+    (tmp_path / "dir.tar").mkdir()
+    assert tarball_problem(tmp_path / "dir.tar") == "not a regular file (a directory)"
+    (tmp_path / "junk.tar").write_bytes(b"not a tar archive at all" * 100)
+    assert tarball_problem(tmp_path / "junk.tar").startswith("not a readable tar archive")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "debian_version").write_text("12.0\n")
+    with tarfile.open(tmp_path / "partial-root.tar", "w") as archive:
+        archive.add(tmp_path / "etc", arcname="./etc")
+    assert tarball_problem(tmp_path / "partial-root.tar") == "not a Debian root file system (no usr/bin/apt-get)"
+
+
+def podman_or_skip():
+    """Installs podman, runc and mmdebstrap where missing, or skips the test saying why it cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("mmdebstrap and podman need root here (rootless podman needs subuid ranges)")
+    try:
+        ensure_podman()
+    except PodmanUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.slow
+def test_the_base_image_tarball_builds_into_an_empty_cache_and_a_damaged_one_again(tmp_path, capsys):
+    podman_or_skip()
+    cache = tmp_path / "cache"
+    tarball = base_tarball(cache)
+    assert tarball.is_file() and tarball_problem(tarball) is None
+    assert os.listdir(tarball.parent) == [tarball.name]  # no partial left beside it
+    assert "building it again" not in capsys.readouterr().err
+    with tarfile.open(tarball) as archive:
+        assert archive.getmember("./etc/debian_version").isfile()
+    assert base_tarball(cache) == tarball and "building it again" not in capsys.readouterr().err  # kept
+
+    tarball.write_bytes(tarball.read_bytes()[:1_000_000])  # an interrupted copy
+    assert tarball_problem(tarball).startswith("not a readable tar archive")
+    tarball.unlink()
+    (tarball / "etc").mkdir(parents=True)  # what the bug left: mmdebstrap's directory output named *.tar
+    assert base_tarball(cache) == tarball
+    err = capsys.readouterr().err
+    assert f"the cached base image {tarball} is not a regular file (a directory): building it again" in err
+    assert tarball.is_file() and tarball_problem(tarball) is None
+    assert os.listdir(tarball.parent) == [tarball.name]
 
 
 @pytest.mark.slow
@@ -106,22 +178,51 @@ def test_cpu_image_runs_doctor_and_a_two_rank_training(tmp_path, sample_data):
 @pytest.fixture(scope="module")
 def cpu_image(tmp_path_factory, report_figure):
     """The CPU image built from containers/Dockerfile; (podman, tag). Built once per test session;
-    podman's layer cache and the Horovod wheel in ~/.cache/hpcgan make a rebuild cheap."""
-    if os.geteuid() != 0:
-        pytest.skip("building images with podman needs root here (rootless podman needs subuid ranges)")
-    try:
-        ensure_podman()
-    except PodmanUnavailable as exc:
-        pytest.skip(str(exc))
+    podman's layer cache (the dependencies layer) and the wheels in ~/.cache/hpcgan make a rebuild cheap."""
+    podman_or_skip()
     import torch
 
     podman = Podman(tmp_path_factory.mktemp("podman"))
     podman.ensure_base_image()
     tag = "localhost/hpcgan:cpu-test"
-    seconds = podman.build_cpu_image(REPO, tag, torch_spec=f"torch=={torch.__version__}")
+    seconds, log = podman.build_cpu_image(REPO, tag, torch_spec=f"torch=={torch.__version__}")
     size = podman.image_size(tag)
-    report_figure(f"container image {tag}: built in {seconds:.0f} s, {size / 1e9:.2f} GB")
+    layer = "dependencies layer from cache" if install_step_cached(log) else "dependencies layer built"
+    report_figure(f"container image {tag}: built in {seconds:.0f} s ({layer}), {size / 1e9:.2f} GB")
     return podman, tag
+
+
+def install_step_cached(build_log: str) -> bool:
+    """Whether podman took the `RUN ... install.sh` step from its layer cache, by its build log."""
+    steps = re.split(r"^STEP \d+/\d+: ", build_log, flags=re.M)
+    install = [s for s in steps if s.startswith("RUN ") and "containers/install.sh" in "".join(s.splitlines()[:3])]
+    assert len(install) == 1, build_log[-3000:]
+    return "--> Using cache" in install[0]
+
+
+@pytest.mark.slow
+def test_a_source_change_rebuilds_the_image_without_reinstalling_its_dependencies(cpu_image, tmp_path):
+    podman, tag = cpu_image
+    import torch
+
+    context = tmp_path / "context"  # the tracked files, as a clone would have them, with one source changed
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    tracked = subprocess.run(listing, cwd=REPO, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (REPO / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, context / name)
+    marker = "# a source change made by test_containers.py"
+    with open(context / "hpcgan" / "cli.py", "a") as source:
+        source.write(f"\n{marker}\n")
+    changed = "localhost/hpcgan:cpu-test-changed"
+    try:
+        _, log = podman.build_cpu_image(context, changed, torch_spec=f"torch=={torch.__version__}")
+        assert install_step_cached(log), log[-3000:]
+        assert marker in podman.run(changed, "tail -1 /opt/hpcgan/hpcgan/cli.py").stdout
+        assert "training path: ready" in podman.run(changed, "hpcgan doctor", timeout=300).stdout
+    finally:
+        podman("rmi", "--force", changed, check=False)
 
 
 @pytest.mark.slow

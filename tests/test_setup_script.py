@@ -217,3 +217,109 @@ def test_this_machines_horovod_passes_the_check():
     ok('check_horovod_build "$1" "$2"', text, cuda)
     if cuda == "cpu":  # the recording is this kind of machine's output, byte for byte
         assert text == (CHECK_BUILD / "cpu-mpi-gloo.txt").read_text()
+
+
+# The cached Horovod wheel (~/.cache/hpcgan/wheels/<key>/): building one takes minutes, so what is tested
+# here is the cache's own validation, on deliberately damaged entries; `make test-fresh` builds it from empty.
+WHEEL_NAME = "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
+WHEEL_MEMBERS = ("horovod/__init__.py", "horovod/torch/mpi_lib_v2.cpython-311-x86_64-linux-gnu.so")
+
+
+def wheel_shaped_zip(path: Path, members=WHEEL_MEMBERS) -> Path:
+    """A zip with a Horovod wheel's name and key members, stored uncompressed (so bytes can be damaged in place)."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as wheel:
+        for name in members:
+            wheel.writestr(name, f"contents of {name} ".encode() * 200)
+    return path
+
+
+def cached_wheel_check(wheel_dir: Path, name="horovod", extension="horovod/torch/mpi_lib_v2"):
+    return bash('cached_wheel_ok "$@"', VPY, str(wheel_dir), name, extension)
+
+
+def test_a_whole_cached_wheel_is_kept(tmp_path):
+    wheel = wheel_shaped_zip(tmp_path / "key" / WHEEL_NAME)
+    proc = cached_wheel_check(wheel.parent)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+    assert wheel.is_file()
+
+
+def test_a_missing_cached_wheel_is_built_without_a_word(tmp_path):
+    proc = cached_wheel_check(tmp_path / "key")
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == ""
+
+
+def damage_truncated(wheel_dir: Path):
+    wheel = wheel_shaped_zip(wheel_dir / WHEEL_NAME)
+    wheel.write_bytes(wheel.read_bytes()[: wheel.stat().st_size // 2])  # an interrupted copy
+
+
+def damage_checksum(wheel_dir: Path):
+    wheel = wheel_shaped_zip(wheel_dir / WHEEL_NAME)
+    data = bytearray(wheel.read_bytes())
+    at = data.index(b"contents of horovod/torch") + 10
+    data[at : at + 4] = b"XXXX"  # same length: the zip still opens, the member fails its CRC
+    wheel.write_bytes(bytes(data))
+
+
+def damage_directory(wheel_dir: Path):
+    (wheel_dir / WHEEL_NAME / "horovod").mkdir(parents=True)  # the mmdebstrap bug's shape: a folder with the name
+
+
+def damage_empty(wheel_dir: Path):
+    wheel_dir.mkdir(parents=True)
+
+
+def damage_no_extension(wheel_dir: Path):
+    wheel_shaped_zip(wheel_dir / WHEEL_NAME, members=WHEEL_MEMBERS[:1])  # built without its PyTorch part
+
+
+def damage_two_wheels(wheel_dir: Path):
+    wheel_shaped_zip(wheel_dir / WHEEL_NAME)
+    wheel_shaped_zip(wheel_dir / WHEEL_NAME.replace("0.28.1", "0.28.0"))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (damage_truncated, "is not a readable wheel"),
+        (damage_checksum, "mpi_lib_v2.cpython-311-x86_64-linux-gnu.so in"),
+        (damage_directory, "is not a regular file"),
+        (damage_empty, "0 horovod-*.whl files where one belongs"),
+        (damage_no_extension, "has no horovod/torch/mpi_lib_v2*.so"),
+        (damage_two_wheels, "2 horovod-*.whl files where one belongs"),
+    ],
+    ids=["truncated", "checksum", "directory", "empty", "no-extension", "two-wheels"],
+)
+def test_a_damaged_cached_wheel_is_removed_with_one_line_saying_why(tmp_path, damage, reason):
+    wheel_dir = tmp_path / "wheels" / "key"
+    damage(wheel_dir)
+    proc = cached_wheel_check(wheel_dir)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and f"the cached horovod wheel in {wheel_dir} is damaged (" in lines[0], proc.stdout
+    assert reason in lines[0] and lines[0].endswith("): building it again"), lines[0]
+    assert not wheel_dir.exists() and (tmp_path / "wheels").is_dir()
+
+
+def test_this_machines_cached_wheels_pass_the_check():
+    cache = Path(os.environ.get("HPCGAN_CACHE", Path.home() / ".cache" / "hpcgan"))
+    kinds = {"horovod-": ("horovod", "horovod/torch/mpi_lib_v2"), "mpi4py-": ("mpi4py", "mpi4py/MPI.")}
+    found = [p for p in sorted((cache / "wheels").glob("*")) if p.name.split("-")[0] + "-" in kinds]
+    if not found:
+        pytest.skip(f"no wheel cached in {cache}/wheels (scripts/setup.sh puts Horovod's and mpi4py's there)")
+    for wheel_dir in found:
+        proc = cached_wheel_check(wheel_dir, *kinds[wheel_dir.name.split("-")[0] + "-"])
+        assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
+
+def test_cache_wheel_moves_the_wheel_in_whole(tmp_path):
+    built = tmp_path / "build"
+    wheel_shaped_zip(built / WHEEL_NAME)
+    target = tmp_path / "cache" / "wheels" / "key"
+    ok('cache_wheel "$@"', str(tmp_path / "cache"), str(target), str(built))
+    assert os.listdir(target) == [WHEEL_NAME] and os.listdir(target.parent) == ["key"]  # no partial left
+    assert cached_wheel_check(target).returncode == 0
