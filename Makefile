@@ -27,11 +27,11 @@ test-fresh:
 	exit $$status
 
 # Python: ruff check and ruff format --check (configuration in pyproject.toml); shell: every script
-# parses and passes shellcheck (tests/test_shell_scripts.py). `make test` runs it first.
+# parses and passes shellcheck (tests/cluster/test_shell_scripts.py). `make test` runs it first.
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests/test_shell_scripts.py
+	$(PY) -m pytest -q tests/cluster/test_shell_scripts.py
 
 demo: setup
 	@bash scripts/demo.sh

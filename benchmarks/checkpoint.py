@@ -30,9 +30,11 @@ from harness import single_thread_env
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpcgan.checkpoint import CheckpointWriter, capture_rng_state  # noqa: E402
+from hpcgan.training.checkpointing import CheckpointWriter  # noqa: E402
+from hpcgan.training.state import capture_rng_state  # noqa: E402
 from hpcgan.config import build, read_yaml, resolve_config_path, to_dict  # noqa: E402
-from hpcgan.networks import ModelConfig, build_discriminator, build_generator  # noqa: E402
+from hpcgan.models import build_discriminator, build_generator  # noqa: E402
+from hpcgan.models.config import ModelConfig  # noqa: E402
 
 
 def study_model() -> ModelConfig:
@@ -110,14 +112,14 @@ def measure_checkpoints(state, directory: Path, repeats: int):
 def sampling_worker(checkpoint: str, images: int):
     """Run under mpirun: each rank renders one stack; rank 0 prints images/s of the whole job."""
     from hpcgan.parallel import mpi_comm
-    from hpcgan.sample import generate_images, load_generator
+    from hpcgan.generation import generate_images, load_generator
 
     comm = mpi_comm()
     G = load_generator(checkpoint, ema=True, device="cpu")
-    generate_images(G, 2, seed=0, stream=10_000 + comm.rank)  # warm-up
+    generate_images(G, range(2), 0)  # warm-up
     comm.Barrier()
     t0 = time.perf_counter()
-    generate_images(G, images, seed=0, stream=comm.rank, batch_size=50)
+    generate_images(G, range(comm.rank * images, (comm.rank + 1) * images), 0, batch_size=50)
     comm.Barrier()
     seconds = time.perf_counter() - t0
     if comm.rank == 0:

@@ -6,7 +6,7 @@
 #
 # 1. set-up (scripts/setup.sh: Horovod built with NCCL when torch has CUDA; seconds when already done);
 # 2. `hpcgan doctor --device cuda` under mpirun: NCCL allreduce/broadcast and a SyncBatchNorm forward;
-# 3. the CUDA tests (tests/test_gpu.py, the CUDA cases of tests/test_networks.py): fp16 + gradient
+# 3. the CUDA tests (tests/parallel/test_gpu.py, the CUDA cases of tests/models/test_models.py): fp16 + gradient
 #    scalers on both backends, bf16, SyncBatchNorm, the NCCL world check, a deterministic bit-exact resume;
 # 4. img/s of the study model (256x256x3, batch 8) under `hpcgan train` against the bare loop, fp32 and bf16.
 set -euo pipefail
@@ -32,6 +32,6 @@ for backend in horovod torch; do
   timeout 180 mpirun -np 1 "$PY" -m hpcgan doctor --backend "$backend" --device cuda
 done
 step "CUDA tests"
-timeout 420 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_networks.py
+timeout 420 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/parallel/test_gpu.py tests/models/test_models.py
 step "throughput of the study model on the GPU"
 timeout 300 "$PY" benchmarks/train.py --cuda

@@ -60,7 +60,7 @@ def train(dataset, run_dir, steps, eval_every, extra=()):
 
 def selected_checkpoint(run_dir: Path):
     """(path, note): checkpoints/best's file, else latest's (no evaluation passed the guard)."""
-    from hpcgan.checkpoint import resolve_checkpoint
+    from hpcgan.training.checkpointing import resolve_checkpoint
 
     ckpts = run_dir / "checkpoints"
     if (ckpts / "best").exists():

@@ -143,7 +143,7 @@ def bare_loop(config, batch, steps, device="cpu", amp="none"):
 
     from hpcgan.config import load_config
     from hpcgan.losses import d_loss, g_loss
-    from hpcgan.networks import build_discriminator, build_generator
+    from hpcgan.models import build_discriminator, build_generator
     from hpcgan.training.config import Config
 
     torch.set_num_threads(1)

@@ -10,20 +10,22 @@ import traceback
 
 from hpcgan import __version__
 from hpcgan.errors import HpcganError, UsageError
+from hpcgan.log import setup_logging
+from hpcgan.parallel.failure import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
 
-# name -> (module, one-line help). A command appears here only once it works.
+# name -> (module in hpcgan.commands, one-line help). A command appears here only once it works.
 COMMANDS = {
-    "doctor": ("hpcgan.doctor", "check Python, torch, MPI, mpi4py, h5py, nibabel, Horovod and Slurm"),
-    "sample-data": ("hpcgan.sample_data", "write real brain MRI volumes that ship inside installed packages"),
-    "preprocess": ("hpcgan.preprocess.command", "NIfTI volumes -> sharded HDF5 dataset (MPI-parallel, resumable)"),
-    "train": ("hpcgan.train", "train a GAN on a preprocessed dataset (one process, or many under mpirun/srun)"),
-    "info": ("hpcgan.info", "summarise a preprocessed dataset; --verify checks shard checksums"),
-    "sample": ("hpcgan.sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
-    "evaluate": ("hpcgan.evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
-    "report": ("hpcgan.report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
-    "turing-test": ("hpcgan.turing_test", "blinded real-vs-synthetic reading session for clinicians, and its scores"),
-    "sweep": ("hpcgan.sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
-    "sweep-summary": ("hpcgan.sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
+    "doctor": ("doctor", "check Python, torch, MPI, mpi4py, h5py, nibabel, Horovod and Slurm"),
+    "sample-data": ("sample_data", "write real brain MRI volumes that ship inside installed packages"),
+    "preprocess": ("preprocess", "NIfTI volumes -> sharded HDF5 dataset (MPI-parallel, resumable)"),
+    "train": ("train", "train a GAN on a preprocessed dataset (one process, or many under mpirun/srun)"),
+    "info": ("info", "summarise a preprocessed dataset; --verify checks shard checksums"),
+    "sample": ("sample", "write stacks of generated images (HDF5, NIfTI, PNG) from a checkpoint"),
+    "evaluate": ("evaluate", "score generated images: SWD, MS-SSIM, intensity, memorisation (+FID offline)"),
+    "report": ("report", "HTML report of a run: losses, metrics, sample grids, memorisation, config"),
+    "turing-test": ("turing_test", "blinded real-vs-synthetic reading session for clinicians, and its scores"),
+    "sweep": ("sweep", "grid point I of a hyper-parameter grid as --set overrides (Slurm job arrays)"),
+    "sweep-summary": ("sweep_summary", "rank finished runs by an evaluation metric (table and CSV)"),
 }
 
 
@@ -51,7 +53,7 @@ def build_parser(command: str | None = None) -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpcgan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name) if name == command else None
+        module = importlib.import_module(f"hpcgan.commands.{module_name}") if name == command else None
         description = (module.__doc__ or help_text).strip() if module else help_text
         p = sub.add_parser(
             name,
@@ -77,8 +79,6 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from hpcgan.log import setup_logging
-
     setup_logging(debug=args.debug)
     try:
         return int(args._run(args) or 0)
@@ -86,8 +86,6 @@ def main(argv=None) -> int:
         sys.stderr.write(f"hpcgan {args.command}: interrupted\n")
         return 130
     except Exception as exc:  # one line, after the traceback with --debug
-        from hpcgan.parallel import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
-
         if lost_a_peer(exc):
             # Another rank failed first and is ending the job with the line that says why: give the
             # launcher time to stop this rank quietly, so that line is the only one.

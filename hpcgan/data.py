@@ -7,38 +7,18 @@ deterministic subset for evaluation.
 """
 
 import bisect
-import json
 import os
 
+import h5py
 import numpy as np
 import torch
 
 from hpcgan.errors import HpcganError, UsageError
-from hpcgan.networks import encode_masks
-from hpcgan.preprocess.manifest import DATASET_FORMAT
+from hpcgan.models.layers import encode_masks
+from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.preprocess.transforms import MAX_MASK_CLASSES
 
-MANIFEST = "manifest.json"
 LABELS = ("none", "mask")
-
-
-def load_manifest(dataset_dir) -> dict:
-    """The dataset's manifest.json; UsageError naming the directory if it is not a dataset."""
-    path = os.path.join(os.fspath(dataset_dir), MANIFEST)
-    if not os.path.isdir(dataset_dir):
-        raise UsageError(f"{dataset_dir}: no such dataset directory")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{dataset_dir}: not a dataset (no {MANIFEST}; run hpcgan preprocess)") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-        raise UsageError(f"{path}: not an hpcgan dataset manifest (format is not {DATASET_FORMAT!r})")
-    if manifest.get("format_version") != 1:
-        raise UsageError(f"{path}: format_version {manifest.get('format_version')} is not supported (need 1)")
-    return manifest
 
 
 def decode(stored: np.ndarray) -> torch.Tensor:
@@ -106,8 +86,6 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.shard_names[shard], index - self._starts[shard]
 
     def _file(self, name):
-        import h5py
-
         if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
             self._files, self._datasets, self._pid = {}, {}, os.getpid()
         if name not in self._files:

@@ -1,4 +1,10 @@
-"""The two kinds of failure a user sees, and the exit codes they map to."""
+"""The two kinds of failure a user sees, the exit codes they map to, and training's other exit codes."""
+
+# EX_TEMPFAIL: preempted or out of time, checkpoint written, resume with --resume auto
+EXIT_REQUEUE = 75
+# EX_DATAERR: a loss or the weights went NaN/inf on some rank (poisoned data or divergence) and
+# train.nonfinite=stop (or its rollbacks ran out); nothing non-finite was checkpointed.
+EXIT_NONFINITE = 65
 
 
 class HpcganError(Exception):

@@ -1,14 +1,27 @@
-"""Latents and generated images, one way for training and sampling alike.
+"""Latents and generated images, one way for training, evaluation and sampling alike.
 
-Every latent comes from a torch generator seeded by a tuple of integers (`seed_for`): training steps
-by (seed, step, stream), the progress grid by (seed, 2**31 - 1), the evaluation set image by image
-by (seed, 2**30, i), `hpcgan sample` stack by stack by (seed, stream). Latents are drawn on the CPU,
-so the images do not depend on the device, the batch size or the number of ranks."""
+Every latent comes from a torch generator seeded by a tuple of integers (`seed_for`): training steps by
+(seed, step, stream), the progress grid by (seed, 2**31 - 1), and every generated image anyone scores or
+keeps by (seed, IMAGE_STREAM, i): image i of a run's image set. Training-time evaluation (seed =
+train.seed, images 0..eval.num_images-1), `hpcgan evaluate --checkpoint` (the checkpoint's train.seed, the
+same images) and `hpcgan sample` (stack k holds images k*stack_size onwards) all call `generate_images`.
+Latents are drawn on the CPU, so the images depend neither on the device, the batch size nor the number of
+ranks, nor on how the indices are split across them."""
 
 import numpy as np
 import torch
 
-from hpcgan.networks import eval_mode, network_channels
+from hpcgan.config import build
+from hpcgan.errors import UsageError
+from hpcgan.log import get_logger
+from hpcgan.models import build_generator
+from hpcgan.models.config import ModelConfig
+from hpcgan.models.layers import eval_mode, network_channels
+from hpcgan.training.checkpointing import load_checkpoint
+
+log = get_logger("generation")
+
+IMAGE_STREAM = 2**30  # the stream of image set latents: (seed, IMAGE_STREAM, i)
 
 
 def seed_for(*keys: int) -> int:
@@ -39,3 +52,62 @@ def run_generator(G, z, labels=None, batch_size: int = 64, progress=None) -> tor
         m = G.cfg
         return torch.zeros(0, network_channels(m), m.resolution, m.resolution)
     return torch.cat(out)
+
+
+def class_labels(labels, indices, num_classes: int):
+    """(len(indices),) int64 labels of images `indices`: image i gets labels[i % len(labels)] (default: every
+    class, i % num_classes), or None for an unconditional model. A label the model lacks is a UsageError."""
+    if not num_classes:
+        if labels:
+            raise UsageError("--labels: the model is unconditional (model.num_classes = 0)")
+        return None
+    labels = list(range(num_classes)) if not labels else list(labels)
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise UsageError(f"--labels: {bad[0]} is not a class of this model (0 to {num_classes - 1})")
+    return torch.tensor([labels[i % len(labels)] for i in indices], dtype=torch.int64)
+
+
+def image_latents(indices, latent_dim: int, seed: int) -> torch.Tensor:
+    """The latents of images `indices` of the image set seeded by `seed`, one stream per image."""
+    if not len(indices):
+        return torch.zeros(0, latent_dim)
+    return torch.cat([draw_latents(1, latent_dim, seed, IMAGE_STREAM, i) for i in indices])
+
+
+def generate_images(G, indices, seed: int, labels=None, batch_size: int = 64, progress=None) -> torch.Tensor:
+    """Images number `indices` of the image set of `seed`, (len(indices), C [+ K mask channels of a joint
+    model: split them with hpcgan.models.layers.split_joint], H, W) float32 in [-1, 1] on the CPU. `labels`:
+    the classes a conditional model cycles over (default all); `progress`: a tqdm bar to update."""
+    indices = list(indices)
+    z = image_latents(indices, G.cfg.latent_dim, seed)
+    return run_generator(G, z, class_labels(labels, indices, G.cfg.num_classes), batch_size, progress)
+
+
+def load_generator(checkpoint, ema: bool = True, device="cpu", source: str = "checkpoint"):
+    """G of a checkpoint (dict or path), built from its `config.model`, in eval mode on `device`.
+    A config the networks do not know, or weights that do not fit it, are a UsageError naming `source`."""
+    if not isinstance(checkpoint, dict):
+        source = str(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    model = (checkpoint.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        raise UsageError(f"{source}: the checkpoint has no model config (config.model)")
+    cfg = build(ModelConfig, model, source=f"{source} (config)", prefix="model.")
+    key = "G_ema" if ema and checkpoint.get("G_ema") is not None else "G"
+    if ema and key == "G":
+        log.warning("%s: no EMA generator in the checkpoint; using G", source)
+    if not isinstance(checkpoint.get(key), dict):
+        raise UsageError(f"{source}: the checkpoint has no {key} weights")
+    G = build_generator(cfg)
+    try:
+        G.load_state_dict(checkpoint[key])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{source}: the {key} weights do not fit the model in its config ({first})") from None
+    return G.eval().requires_grad_(False).to(device)
+
+
+def run_seed(checkpoint: dict) -> int:
+    """train.seed of the run a checkpoint comes from: the seed of its evaluation images (0 if unrecorded)."""
+    return int(((checkpoint.get("config") or {}).get("train") or {}).get("seed") or 0)

@@ -71,7 +71,7 @@ class HDF5Output:
     and `close` raise the saved error (atomic_path removes the incomplete file)."""
 
     def __init__(self, path, **kwargs):
-        import h5py
+        import h5py  # here, not above: most users of this module write no HDF5
 
         self._raw = open(path, "w+b", buffering=0)  # unbuffered: a seek never flushes (and fails) late
         self._error = None
@@ -222,8 +222,6 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 def check_writable_dir(path) -> str:
     """Create `path` if needed and prove we can write there; raise UsageError naming it if not."""
-    from hpcgan.errors import UsageError
-
     path = os.fspath(path)
     try:
         os.makedirs(path, exist_ok=True)

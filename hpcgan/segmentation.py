@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcgan.errors import UsageError
-from hpcgan.networks import eval_mode
+from hpcgan.models.layers import eval_mode
 from hpcgan.parallel.group import ONE_PROCESS
 
 ARMS = ("real", "synthetic", "real+synthetic")

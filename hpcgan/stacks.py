@@ -6,10 +6,13 @@ stores them: axial slices in RAS, anterior at the top and the subject's right on
 (neurological view), i.e. rows run along -Y and columns along +X
 (`hpcgan.preprocess.transforms.axial_to_image`). `write_stack_nifti` inverts that mapping."""
 
+import glob
 import json
+import os
 
 import numpy as np
 
+from hpcgan.errors import UsageError
 from hpcgan.io import HDF5Output, atomic_path
 
 STACK_DATASET = "images"
@@ -196,3 +199,36 @@ def save_nifti(path, data, pixel_spacing_mm, slice_thickness_mm, dtype, cal_min,
     header.set_data_dtype(dtype)
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
+
+
+def read_samples(samples_dir, limit=None, with_masks=False):
+    """(images, provenance) from every stack-*.h5 in a sample directory, in stack order; with
+    `with_masks`, (images, masks or None, provenance): masks are there when every stack has them."""
+    if not os.path.isdir(samples_dir):
+        raise UsageError(f"{samples_dir}: no such samples directory")
+    paths = sorted(glob.glob(os.path.join(samples_dir, "stack-*.h5")))
+    if not paths:
+        raise UsageError(f"{samples_dir}: no stack-*.h5 files (write them with hpcgan sample --format h5)")
+    stacks = []
+    for path in paths:
+        try:
+            stacks.append(read_stack_h5(path))
+        except (OSError, KeyError) as exc:
+            raise UsageError(f"{path}: not a readable image stack ({exc})") from None
+    shapes = {tuple(s.shape[1:]) for s in stacks}
+    if len(shapes) > 1 or stacks[0].ndim != 4:
+        raise UsageError(f"{samples_dir}: stacks of different or non-(N, C, H, W) shapes ({sorted(shapes)})")
+    images = np.concatenate(stacks)[:limit]
+    masks = [read_stack_masks(path) for path in paths] if with_masks else []
+    masks = np.concatenate(masks)[:limit] if masks and all(m is not None for m in masks) else None
+    attrs = read_stack_attrs(paths[0])
+    provenance = {
+        "source": "samples",
+        "stacks": len(paths),
+        **{
+            k: attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]
+            for k in ("checkpoint_sha256", "step", "seed")
+            if k in attrs
+        },
+    }  # numpy scalars → JSON numbers
+    return (images, masks, provenance) if with_masks else (images, provenance)

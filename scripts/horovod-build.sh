@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/setup.sh (and by tests/test_setup_script.py, which runs each function in real
+# Sourced by scripts/setup.sh (and by tests/cluster/test_setup_script.py, which runs each function in real
 # bash): the decisions about the Horovod build (and the cache of compiled wheels it shares with mpi4py), kept apart from the installing so that they can be
 # tested on a machine without a GPU. Defines functions only; running nothing.
 

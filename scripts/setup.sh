@@ -59,7 +59,7 @@ if [ "$DEV_TOOLS" = 1 ]; then
   if ! have shellcheck; then  # `make lint` and the test that every shell script is clean
     apt_install shellcheck || say "shellcheck not installed (not root or no apt): the shell-script lint test is skipped"
   fi
-  if ! have chromium || ! have chromedriver; then  # tests/test_turing_test.py reads the reader page in it
+  if ! have chromium || ! have chromedriver; then  # tests/commands/test_turing_test.py reads the reader page in it
     apt_install chromium chromium-driver ||
       say "chromium not installed (not root or no apt): the browser test of the Turing-test page is skipped"
   fi

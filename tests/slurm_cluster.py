@@ -1,6 +1,6 @@
 """Real Slurm clusters for tests (Debian's slurm-wlm + munge): one node on localhost
-(SlurmCluster, tests/test_slurm.py), or N nodes in network namespaces on this machine
-(MultiNodeSlurmCluster, tests/test_multinode.py).
+(SlurmCluster, tests/cluster/test_slurm.py), or N nodes in network namespaces on this machine
+(MultiNodeSlurmCluster, tests/cluster/test_multinode.py).
 
 Everything lives in one temp dir: slurm.conf, state, spool, logs, pid files and munged's own
 socket and a freshly generated key, on free ports, so it never touches a system Slurm or another
@@ -296,7 +296,7 @@ class MultiNodeSlurmCluster(SlurmCluster):
     eth0 on a veth link to the bridge, its own hostname `nodeK` (a UTS namespace) and an /etc/hosts
     naming every node (a mount namespace), and runs `slurmd -N nodeK`; its job steps live there
     too. The namespaces share the file system, /dev/shm included, so shared-memory MPI transports
-    must be kept off between ranks of different nodes (see tests/test_multinode.py).
+    must be kept off between ranks of different nodes (see tests/cluster/test_multinode.py).
     """
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 2, root: Path | None = None):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpcgan.data import RankSampler, SliceDataset, decode, load_manifest, make_loader, read_slices
+from hpcgan.data import RankSampler, SliceDataset, decode, make_loader, read_slices
+from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.errors import UsageError
 from hpcgan.preprocess import transforms as T
 

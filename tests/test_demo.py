@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, mpi_env, requires_mpirun, run_cmd
-from hpcgan.checkpoint import find_latest_valid, load_checkpoint
+from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint
 from hpcgan.stacks import contact_sheet
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, requires_mpirun]

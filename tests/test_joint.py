@@ -14,7 +14,9 @@ from conftest import SAMPLE_DATASET_OPTIONS, run_hpcgan
 from test_train import train_args
 
 from hpcgan.data import SliceDataset, read_slices
-from hpcgan.networks import ModelConfig, build_generator, encode_masks, joint_output, split_joint
+from hpcgan.models import build_generator
+from hpcgan.models.config import ModelConfig
+from hpcgan.models.layers import encode_masks, joint_output, split_joint
 from hpcgan.preprocess import transforms as T
 
 TISSUE = ["--modalities", "t1", "--mask", "tissue", "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64"]
@@ -187,11 +189,11 @@ def test_a_joint_model_needs_a_dataset_with_its_label_set(sample_data, sample_da
 
 
 def generated_pairs(run, n=64, seed=0):
-    from hpcgan.sample import generate_images, load_generator
-    from hpcgan.checkpoint import resolve_checkpoint
+    from hpcgan.generation import generate_images, load_generator
+    from hpcgan.training.checkpointing import resolve_checkpoint
 
     G = load_generator(resolve_checkpoint(run))
-    return split_joint(generate_images(G, n, seed=seed), 1)
+    return split_joint(generate_images(G, range(n), seed).numpy(), 1)
 
 
 def class_means(images, masks) -> list:
@@ -305,7 +307,7 @@ def test_sweep_summary_ranks_runs_by_dice_highest_first(tmp_path, cli_in_process
 
 
 def test_the_latest_and_best_pointers_resolve_to_the_checkpoint_they_name(joint_run, tmp_path):
-    from hpcgan.checkpoint import resolve_checkpoint
+    from hpcgan.training.checkpointing import resolve_checkpoint
     from hpcgan.errors import UsageError
 
     checkpoints = joint_run / "checkpoints"

@@ -11,7 +11,8 @@ from hpcgan.augment import diff_augment
 from hpcgan.config import build
 from hpcgan.errors import UsageError
 from hpcgan.losses import LossConfig, check_loss_model, clip_weights_, d_loss, g_loss, gradient_penalty
-from hpcgan.networks import ModelConfig, build_discriminator
+from hpcgan.models import build_discriminator
+from hpcgan.models.config import ModelConfig
 
 
 # ---------------------------------------------------------------- each loss learns a known distribution

@@ -13,7 +13,7 @@ import shlex
 import pytest
 import torch
 
-from hpcgan.checkpoint import find_latest_valid, load_checkpoint
+from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint
 from conftest import REPO, mpi_env, requires_mpirun, run_cmd
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, requires_mpirun]

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import requires_mpirun, run_python_mpi
-from hpcgan.data import decode, load_manifest, read_slices
+from hpcgan.data import decode, read_slices
+from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.errors import UsageError
 from hpcgan.metrics.masks import compute_mask_plausibility
-from hpcgan.parallel.group import ONE_PROCESS, Group
+from hpcgan.parallel.group import ONE_PROCESS, Group, world_group
 from hpcgan.segmentation import (
     SegmentationRecipe,
     UNet,
@@ -218,8 +219,6 @@ def test_two_ranks_give_the_dice_of_one_process(sample_dataset, pairs, one_proce
 
 def mpi_main(dataset, out):
     """Under mpirun: the task evaluation of the test above on every rank, each writing what it got."""
-    from hpcgan.parallel.group import world_group
-
     group = world_group()
     summed = {
         str(dtype.__name__): group.allreduce_sum(np.arange(1, 4, dtype=dtype) * (group.rank + 1)).tolist()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hpcgan.parallel.group import ONE_PROCESS
 from hpcgan.parallel.split import map_units
 from hpcgan.metrics.msssim import ssim
+from hpcgan.stacks import contact_sheet, write_png
 
 FINGERPRINT_SIZE = 32
 MAX_SHIFT = 2  # pixels at full resolution
@@ -75,8 +76,6 @@ def nearest_training(images, train, train_fp, group=ONE_PROCESS):
 
 def write_worst_pairs(fake, train, worst: list, worst_dir):
     """Side-by-side PNGs (generated | nearest training image) of the worst pairs."""
-    from hpcgan.stacks import contact_sheet, write_png
-
     os.makedirs(worst_dir, exist_ok=True)
     for row in worst:
         pair = np.stack([fake[row["generated"]], train[row["train"]]])

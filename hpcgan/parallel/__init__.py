@@ -14,7 +14,8 @@ The modules:
   env            where this process sits, read from the launcher's environment before MPI starts
   group          Group, MpiGroup, world_group()
   split          map_units: unit i on rank i % world_size, every rank gets all results in order
-  launch         mpi_comm(), make_backend(): MPI settings, world and GPU checks at start-up
+  mpi            mpi_comm(): MPI's settings before it starts, and COMM_WORLD
+  launch         make_backend(): the training backend, with world and GPU checks at start-up
   backend        the training interface and its one-process implementation
   horovod_backend, torch_backend   its distributed implementations
   device_check   the collectives on the training device at every start (NCCL, SyncBatchNorm)
@@ -24,7 +25,8 @@ The modules:
 from hpcgan.parallel.env import LaunchEnv, launch_env, slurm_ntasks
 from hpcgan.parallel.failure import PEER_FAILURE_GRACE_S, CollectiveError, abort_job, lost_a_peer
 from hpcgan.parallel.group import Group, MpiGroup, world_group
-from hpcgan.parallel.launch import BACKENDS, make_backend, mpi_comm
+from hpcgan.parallel.launch import BACKENDS, make_backend
+from hpcgan.parallel.mpi import mpi_comm
 
 __all__ = [
     "LaunchEnv",

@@ -8,6 +8,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from hpcgan.errors import UsageError
+
 # (rank, size, local rank) variables, in the order launchers are tried.
 _LAUNCHERS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI mpirun
@@ -139,8 +141,6 @@ def use_cuda(preference: str, cuda_version: str | None, visible_gpus: int, envir
     (_gpus_bound_per_task); otherwise nothing binds GPUs to ranks (mpirun, torchrun, or srun with
     --gpus-per-node: every rank inherits the same CUDA_VISIBLE_DEVICES) and it is refused, as is a
     wrapper script setting CUDA_VISIBLE_DEVICES per rank outside Slurm (it cannot be told apart)."""
-    from hpcgan.errors import UsageError
-
     env = os.environ if environ is None else environ
     if preference == "cpu":
         return False

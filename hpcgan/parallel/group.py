@@ -4,8 +4,10 @@ import time
 
 import numpy as np
 
-from hpcgan.errors import HpcganError
+from hpcgan.errors import HpcganError, UsageError
+from hpcgan.parallel.env import launch_env
 from hpcgan.parallel.failure import abort_job
+from hpcgan.parallel.mpi import mpi_comm
 
 
 class Group:
@@ -30,6 +32,25 @@ class Group:
     def barrier(self):
         pass
 
+    def on_root(self, work, *args):
+        """Collective: rank 0 runs `work(*args)` and every rank returns its result, or every rank ends with
+        rank 0's failure (`fail_together`): the one way a rank-0 read (a checkpoint, a plan) reaches the
+        others, so that no rank waits in a collective for a rank that has failed."""
+        outcome = None
+        if self.is_root:
+            try:
+                outcome = (None, work(*args))
+            except Exception as exc:  # every rank must learn of it; rank 0 re-raises the original
+                failure = exc
+                outcome = (getattr(exc, "exit_code", 1), None)
+        self.barrier()  # the other ranks sleep while rank 0 works (a broadcast busy-polls)
+        code, result = self.broadcast_object(outcome)
+        if code is not None:
+            if self.is_root:
+                raise failure
+            raise SystemExit(code)
+        return result
+
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """The element-wise sum of every rank's `array` (same shape and numeric dtype on every rank),
         on every rank; here a copy. A subclass for several ranks that does not override it (the training
@@ -45,6 +66,14 @@ class Group:
 
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size})"
+
+
+def fail_together(rank: int, code: int, message: str):
+    """End every rank with the same failure that all of them know of: rank 0 raises it (a UsageError for
+    exit code 2, else HpcganError: its one error line), the others exit quietly with the same code."""
+    if rank != 0:
+        raise SystemExit(code)
+    raise (UsageError if code == UsageError.exit_code else HpcganError)(message)
 
 
 ONE_PROCESS = Group()  # the default of functions that take a group: it holds no state
@@ -99,9 +128,6 @@ def world_group() -> Group:
     process, else Group(). HpcganError where MPI does not see the world the launcher made (mpi4py
     missing, MPI singletons under an srun without PMIx, torchrun): every rank would otherwise do all
     the work and report only its own part."""
-    from hpcgan.parallel.env import launch_env
-    from hpcgan.parallel.launch import mpi_comm
-
     expected = launch_env().world_size
     if expected <= 1:
         return ONE_PROCESS

@@ -1,28 +1,9 @@
 """Starting the distributed side of a command: MPI (with the settings it needs before it starts) and
 the training backend, with the checks that every rank sees the world and the GPUs the launcher made."""
 
-import os
-
 from hpcgan.errors import HpcganError, UsageError
-from hpcgan.parallel.env import launch_env, slurm_ntasks
-
-
-def yield_when_idle():
-    """Call before MPI starts. Open MPI busy-polls while it waits; Horovod's background thread waits
-    in MPI all the time, so where ranks share cores (CPU training) it takes a core from the training
-    thread: 2 ranks on 2 cores ran at 0.60 weak-scaling efficiency instead of 0.89
-    (benchmarks/train.py). sched_yield costs nothing when the core is free. A user's value wins."""
-    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-
-
-def mpi_comm():
-    """mpi4py's COMM_WORLD, initialising MPI if need be; None when mpi4py is missing."""
-    yield_when_idle()
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    return MPI.COMM_WORLD
+from hpcgan.parallel.env import launch_env, slurm_ntasks, slurm_threads, use_cuda
+from hpcgan.parallel.mpi import yield_when_idle
 
 
 BACKENDS = ("auto", "horovod", "torch", "none")
@@ -32,6 +13,8 @@ def make_backend(
     name: str = "auto", device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0
 ):
     """Start the backend for this job and check that every rank sees the world the launcher made."""
+    # The backend modules import torch (and Horovod or torch.distributed) here, not at the top: hpcgan.parallel
+    # is imported by light commands and by the CLI's error path, which must not pay for torch.
     env = launch_env()
     if name == "auto":
         name = "horovod" if env.world_size > 1 else "none"
@@ -48,7 +31,6 @@ def make_backend(
     import torch
 
     from hpcgan.parallel.backend import visible_gpus
-    from hpcgan.parallel.env import slurm_threads, use_cuda
 
     use_cuda(device, torch.version.cuda, visible_gpus())  # refuse a missing or shared GPU before MPI starts
     threads = slurm_threads()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from hpcgan.parallel.failure import CollectiveError
 from hpcgan.parallel.backend import Backend, pick_device
 from hpcgan.parallel.env import launch_env
+from hpcgan.parallel.mpi import mpi_comm
 from hpcgan.errors import HpcganError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "mean": dist.ReduceOp.SUM}
@@ -31,8 +32,6 @@ def rendezvous_address(world_size: int) -> tuple[str, int]:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
         return addr, int(port)
-    from hpcgan.parallel.launch import mpi_comm
-
     comm = mpi_comm()
     if comm is None or comm.Get_size() != world_size:
         raise HpcganError(

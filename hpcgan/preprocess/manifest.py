@@ -1,13 +1,19 @@
 """The dataset's manifest.json, written by rank 0 after every shard: what the dataset holds
 (shape, splits, shards with checksums, subjects with their slices and source files, skipped
-subjects) and how it was made. `hpcgan.data` reads it back."""
+subjects) and how it was made; `load_manifest` reads it back (training, evaluation, `hpcgan info`),
+without torch."""
+
+import json
+import os
 
 import numpy as np
 
 from hpcgan import __version__
 from hpcgan.config import to_dict
+from hpcgan.errors import UsageError
 from hpcgan.preprocess import transforms as T
 
+MANIFEST = "manifest.json"
 DATASET_FORMAT = "hpcgan-dataset"  # "format" of the manifest and of every shard's attributes
 DATASET_FORMAT_VERSION = 1
 # Keys that name places on disk or how to treat an existing output: never part of the
@@ -20,6 +26,48 @@ def mask_classes(cfg, seen_labels) -> int:
     if cfg.label_map:
         return max(T.parse_label_map(cfg.label_map).values()) + 1
     return max(seen_labels, default=0) + 1
+
+
+def load_manifest(dataset_dir) -> dict:
+    """The dataset's manifest.json; UsageError naming the directory if it is not a dataset."""
+    path = os.path.join(os.fspath(dataset_dir), MANIFEST)
+    if not os.path.isdir(dataset_dir):
+        raise UsageError(f"{dataset_dir}: no such dataset directory")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{dataset_dir}: not a dataset (no {MANIFEST}; run hpcgan preprocess)") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        raise UsageError(f"{path}: not an hpcgan dataset manifest (format is not {DATASET_FORMAT!r})")
+    if manifest.get("format_version") != DATASET_FORMAT_VERSION:
+        raise UsageError(
+            f"{path}: format_version {manifest.get('format_version')} is not supported (need {DATASET_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def label_set_problem(cfg, records: list) -> str | None:
+    """Why the masks of every shard's `records` do not fit the label set, else None: a --label-map source
+    label that no subject's mask holds (a typo, or the wrong dataset), or --class-names that do not name
+    every class."""
+    if not cfg.mask:
+        return None
+    seen = {label for r in records for s in r["subjects"].values() for label in s.get("mask_labels", [])}
+    if cfg.label_map:
+        named = sorted(k for k in T.parse_label_map(cfg.label_map) if k not in (0, T.OTHER_LABELS))
+        absent = [k for k in named if k not in seen]
+        if absent:
+            return (
+                f"--label-map {cfg.label_map}: label {absent[0]} is in no subject's mask "
+                f"(labels present: {', '.join(map(str, sorted(seen)[:20])) or 'none'})"
+            )
+    classes = mask_classes(cfg, seen)
+    if cfg.class_names and len(cfg.class_names) != classes:
+        return f"--class-names: {len(cfg.class_names)} names for {classes} classes (0..{classes - 1})"
+    return None
 
 
 def mask_label_set(cfg, subjects: dict) -> dict:

@@ -12,9 +12,12 @@ import os
 import zlib
 from dataclasses import dataclass, field
 
+import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import apply_read_scaling
 
 from hpcgan.errors import UsageError
+from hpcgan.io import sha256_file
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -152,8 +155,6 @@ class Header:
 def read_header(subject: str, path: str, name: str, volume_index=None) -> Header:
     """Open a NIfTI header (no voxel data) and check it describes one 3-D volume. `name` is how
     messages name the file."""
-    import nibabel as nib
-
     if os.path.getsize(path) == 0:
         raise BadInput(subject, f"{name}: empty file")
     try:
@@ -218,12 +219,7 @@ def read_voxels(path: str):
     """(voxels with scale slope/intercept applied, affine, sha256 of the file). A .nii.gz is
     read once, hashed, decompressed in C and its voxels used in place (much faster than
     nibabel's streaming read, and no second copy); a .nii is memory-mapped."""
-    import nibabel as nib
-    from nibabel.volumeutils import apply_read_scaling
-
     if not path.endswith(".gz"):
-        from hpcgan.io import sha256_file
-
         image = nib.load(path)
         return np.asanyarray(image.dataobj), image.affine, sha256_file(path)
     with open(path, "rb") as f:

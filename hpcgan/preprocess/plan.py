@@ -16,7 +16,7 @@ from hpcgan.io import atomic_path, check_writable_dir, read_json, write_json_ato
 from hpcgan.log import get_logger
 from hpcgan.preprocess import transforms as T
 from hpcgan.preprocess.config import PreprocessConfig
-from hpcgan.preprocess.manifest import DATASET_FORMAT_VERSION, NOT_IN_MANIFEST
+from hpcgan.preprocess.manifest import DATASET_FORMAT_VERSION, MANIFEST, NOT_IN_MANIFEST
 from hpcgan.preprocess.nifti import (
     BadInput,
     check_same_grid,
@@ -174,7 +174,7 @@ def dataset_files(out: str) -> list:
     names = []
     for name in os.listdir(out):
         stem = name[1:].split(".h5.")[0] + ".h5" if name.startswith(".") and ".h5." in name else name
-        if SHARD_PATTERN.match(stem) or name in ("manifest.json", PARTS_DIR) or name.startswith(".manifest.json."):
+        if SHARD_PATTERN.match(stem) or name in (MANIFEST, PARTS_DIR) or name.startswith(f".{MANIFEST}."):
             names.append(name)
     return names
 

@@ -17,7 +17,7 @@ def reorient_to_ras(volume: np.ndarray, affine: np.ndarray):
     """Reorder and flip axes to the closest canonical (RAS+) orientation, as
     `nibabel.as_closest_canonical` does. Returns (view of the volume, new affine). The third
     axis of the result is the axial (inferior → superior) axis."""
-    from nibabel import orientations
+    from nibabel import orientations  # here, not above: training imports this module (hpcgan.data)
 
     ornt = orientations.io_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):

@@ -6,8 +6,10 @@ A *step* is one discriminator update on one batch per rank; the generator is upd
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hpcgan.augment import POLICIES, parse_ada_policy
 from hpcgan.losses import LossConfig
-from hpcgan.networks import ModelConfig
+from hpcgan.metrics import check_metric_names
+from hpcgan.models.config import ModelConfig
 
 
 @dataclass
@@ -89,16 +91,12 @@ class TrainConfig:
             raise ValueError(f"train.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
         if self.stop_on_memorization < 0:
             raise ValueError(f"train.stop_on_memorization: must be >= 0 (0 = off), got {self.stop_on_memorization}")
-        from hpcgan.augment import POLICIES
-
         unknown = [p for p in self.diffaugment.split(",") if p.strip() and p.strip() not in POLICIES]
         if unknown:
             raise ValueError(f"train.diffaugment: unknown policy '{unknown[0]}' (known: {', '.join(sorted(POLICIES))})")
         self._check_ada()
 
     def _check_ada(self):
-        from hpcgan.augment import parse_ada_policy
-
         if not 0 <= self.ada_target < 1:
             raise ValueError(f"train.ada_target: must be in [0, 1) (0 = off), got {self.ada_target}")
         if self.ada_interval < 1:
@@ -148,8 +146,6 @@ class EvalConfig:
     shared: bool = False  # split the evaluation across ranks instead of rank 0 alone
 
     def __post_init__(self):
-        from hpcgan.metrics import check_metric_names
-
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps: must be >= 0 (0 = off), got {self.every_steps}")
         check_metric_names(self.metrics, "eval.metrics", ValueError)

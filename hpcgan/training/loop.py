@@ -1,7 +1,7 @@
 """The training loop, top to bottom: a TrainState (hpcgan.training.state), the D and G steps
 (hpcgan.training.steps), one agreement collective per step, and the periodic duties as handlers
-(hpcgan.training.handlers) whose rank-0 part the coordinator writes. It sees the distributed job only
-through a backend (hpcgan.parallel.backend).
+(hpcgan.training.handlers), each with its rank-0 part, called through one lifecycle. It sees the distributed
+job only through a backend (hpcgan.parallel.backend) and its checkpoints through a Checkpointer.
 
 Reproducibility contract (what makes 2 ranks equal 1 process and resume bit-exact): the latents of a
 step come from (seed, step, stream) and are sliced from the global batch (steps.py); data order comes
@@ -16,66 +16,37 @@ import time
 import torch
 
 from hpcgan.data import make_loader
-from hpcgan.errors import UsageError
+from hpcgan.errors import EXIT_NONFINITE, EXIT_REQUEUE, UsageError
 from hpcgan.log import get_logger
-from hpcgan.training.handlers import Checkpoints, Evaluation, RunDirectory, SampleGrid, StepEvents, TrainLog
+from hpcgan.training.handlers import Checkpoints, Evaluation, RunRecord, SampleGrid, StepEvents, TrainLog
+from hpcgan.training.run_directory import RunDirectory
 from hpcgan.training.state import TrainState
 from hpcgan.training.steps import NONFINITE_KINDS, GanSteps, seed_rank
 
 log = get_logger("train")
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint written, resume with --resume auto
-# EX_DATAERR: a loss or the weights went NaN/inf on some rank (poisoned data or divergence) and
-# train.nonfinite=stop (or its rollbacks ran out); nothing non-finite was checkpointed.
-EXIT_NONFINITE = 65
 
-
-def run_training(
-    cfg,
-    dataset_dir,
-    manifest: dict,
-    backend,
-    coordinator=None,
-    resume_state: dict | None = None,
-    init_state: dict | None = None,
-) -> int:
+def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, resume_state=None, init_state=None) -> int:
     """Run `cfg.train.steps` steps (from a resumed state if given; a fresh run from `init_state`'s networks
     with --init-from). Returns 0 (also when train.stop_on_memorization ended it early), EXIT_REQUEUE when
     a preemption signal stopped the run after a checkpoint, or EXIT_NONFINITE when NaN/inf stopped it
-    (train.nonfinite). `coordinator` is given on rank 0 only."""
+    (train.nonfinite)."""
     tc, device = cfg.train, backend.device
     set_determinism(tc.deterministic, device, cfg.model.resize_mode)
-    state = TrainState(cfg, backend)
+    state, loader, sampler = start_state(cfg, dataset_dir, backend, resume_state, init_state)
     pos = state.position
-    loader, sampler = make_loader(
-        dataset_dir,
-        "train",
-        tc.batch_size,
-        backend.rank,
-        backend.world_size,
-        tc.seed,
-        flip=tc.flip,
-        labels=tc.labels,
-        num_workers=tc.num_workers,
-        pin_memory=device.type == "cuda",
-        mask_classes=cfg.model.mask_classes,
-    )
-    if resume_state is not None:
-        state.load_state_dict(resume_state, sampler.batches_per_epoch)
-    else:
-        state.broadcast_initial()
-        if init_state is not None:  # the same dict on every rank (broadcast): the replicas agree
-            state.load_weights(init_state)
-    if resume_state is None or backend.rank >= len(resume_state["rng"]):
-        seed_rank(tc.seed, backend.rank, pos.step)
-    sampler.set_epoch(pos.epoch, pos.batch_in_epoch)
     batches = iter(loader)
 
     steps = GanSteps(cfg, state, backend)
-    duty = (cfg, state, backend, coordinator)
-    train_log, evaluation = TrainLog(*duty), Evaluation(*duty)
-    checkpoints = Checkpoints(*duty, manifest, evaluation)
-    handlers = [RunDirectory(*duty), train_log, SampleGrid(*duty), evaluation, checkpoints]
+    run = RunDirectory(run_dir, cfg, backend.describe()) if backend.is_root else None
+    duty = (cfg, state, backend, run)
+    handlers = [
+        RunRecord(*duty, checkpointer=checkpointer),
+        TrainLog(*duty),
+        SampleGrid(*duty),
+        Evaluation(*duty, dataset_dir=dataset_dir),  # before Checkpoints: its values go with the same step
+        Checkpoints(*duty, checkpointer=checkpointer),
+    ]
     flag = PreemptionFlag()
     for handler in handlers:
         handler.start()
@@ -99,39 +70,22 @@ def run_training(
         if steps.g_step_due():
             stats.update(steps.g_step())
             losses["loss_g"] = stats["loss_g"]
-        train_log.add(stats, data_wait_s)
         pos.step += 1
         pos.batch_in_epoch += 1
 
-        # One small collective per step: preemption anywhere, the checkpoint clock on rank 0, non-finite
-        # numbers anywhere (one slot per kind holding world - rank, so the max names the lowest rank).
-        checkpoints.raise_if_failed()
-        bad, world = steps.nonfinite(losses), backend.world_size
-        agreed = torch.tensor(
-            [
-                float(flag.signum is not None),
-                float(checkpoints.due_by_time()),
-                *(float(world - backend.rank) if bad and bad[0] == kind else 0.0 for kind in NONFINITE_KINDS),
-            ]
-        )
-        preempt, timed_checkpoint, *nonfinite = backend.allreduce_(agreed, "max").tolist()
+        bad = steps.nonfinite(losses)
+        preempt, requested, nonfinite = agree(backend, flag, handlers, bad)
         if any(nonfinite):
-            reporter = world - int(next(v for v in nonfinite if v))  # of the first kind: the cause
-            if not recover_from_nonfinite(cfg, state, sampler, coordinator, bad if backend.rank == reporter else None):
+            reporter = backend.world_size - int(next(v for v in nonfinite if v))  # of the first kind: the cause
+            if not recover_from_nonfinite(cfg, state, sampler, checkpointer, handlers, bad, reporter):
                 exit_code = EXIT_NONFINITE
                 break
-            train_log.discard()  # the abandoned steps' loss sums
             continue
 
-        events = StepEvents(done=pos.step == tc.steps, preempt=bool(preempt), timed_checkpoint=bool(timed_checkpoint))
-        memorized = False
+        events = StepEvents(stats, data_wait_s, done=pos.step == tc.steps, preempt=preempt, requested=requested)
         for handler in handlers:
             handler.after_step(pos.step, events)
-            if handler is evaluation and not events.done and memorization_stop(cfg, backend, coordinator, pos.step):
-                events.done = memorized = True  # the handlers after the evaluation end the run: final checkpoint
-        if memorized:  # train.stop_on_memorization: an orderly end, exit 0
-            if pos.step % cfg.log.every_steps:  # the last log line, as at the end of a run
-                train_log.after_step(pos.step, events)
+        if events.stop:  # train.stop_on_memorization: an orderly end after the final checkpoint, exit 0
             break
         if events.preempt:
             log.warning(
@@ -139,7 +93,7 @@ def run_training(
             )
             exit_code = EXIT_REQUEUE
             break
-    for handler in handlers:
+    for handler in reversed(handlers):  # the last started, the first finished: the run record closes last
         handler.finish(exit_code)
     if exit_code != EXIT_REQUEUE:
         # After a preemption the handlers stay: srun sends SIGTERM to the other ranks once the first
@@ -149,13 +103,52 @@ def run_training(
     return exit_code
 
 
-def memorization_stop(cfg, backend, coordinator, step: int) -> bool:
-    """Collective after each periodic evaluation when train.stop_on_memorization is on: rank 0's verdict
-    (K evaluations in a row above checkpoint.max_memorization) reaches every rank, so all stop together."""
-    every = cfg.eval.every_steps
-    if not cfg.train.stop_on_memorization or not every or step % every:
-        return False
-    return bool(backend.broadcast_object(coordinator.memorization_stop_due(step) if coordinator else None))
+def start_state(cfg, dataset_dir, backend, resume_state, init_state):
+    """The TrainState where the run starts (resumed, fresh, or fresh from --init-from's networks), the data
+    loader and its sampler at that position, and each rank's random streams."""
+    tc = cfg.train
+    state = TrainState(cfg, backend)
+    loader, sampler = make_loader(
+        dataset_dir,
+        "train",
+        tc.batch_size,
+        backend.rank,
+        backend.world_size,
+        tc.seed,
+        flip=tc.flip,
+        labels=tc.labels,
+        num_workers=tc.num_workers,
+        pin_memory=backend.device.type == "cuda",
+        mask_classes=cfg.model.mask_classes,
+    )
+    if resume_state is not None:
+        state.load_state_dict(resume_state, sampler.batches_per_epoch)
+    else:
+        state.broadcast_initial()
+        if init_state is not None:  # the same dict on every rank (broadcast): the replicas agree
+            state.load_weights(init_state)
+    if resume_state is None or backend.rank >= len(resume_state["rng"]):
+        seed_rank(tc.seed, backend.rank, state.position.step)
+    sampler.set_epoch(state.position.epoch, state.position.batch_in_epoch)
+    return state, loader, sampler
+
+
+def agree(backend, flag, handlers, bad) -> tuple:
+    """The one small collective of a step: a preemption signal anywhere, the handlers' requests (rank 0's
+    checkpoint clock), non-finite numbers anywhere (`bad`: this rank's (kind, description) or None; one slot
+    per kind holding world - rank, so that the max names the lowest rank). Returns (preempt, {request:
+    bool}, the non-finite slots)."""
+    requests = {k: v for handler in handlers for k, v in handler.requests().items()}
+    world = backend.world_size
+    agreed = torch.tensor(
+        [
+            float(flag.signum is not None),
+            *(float(v) for v in requests.values()),
+            *(float(world - backend.rank) if bad and bad[0] == kind else 0.0 for kind in NONFINITE_KINDS),
+        ]
+    )
+    preempt, *agreed = backend.allreduce_(agreed, "max").tolist()
+    return bool(preempt), dict(zip(requests, map(bool, agreed))), agreed[len(requests) :]
 
 
 def set_determinism(deterministic: bool, device: torch.device, resize_mode: str = "nearest"):
@@ -202,16 +195,16 @@ class PreemptionFlag:
             signal.signal(s, handler)
 
 
-def recover_from_nonfinite(cfg, state, sampler, coordinator, bad) -> bool:
-    """Collective, once every rank has agreed that step `p.step` went non-finite somewhere; `bad` is
-    this rank's (kind, description) on the one rank that reports it, None elsewhere. Returns False to
-    stop. With train.nonfinite=rollback (and rollbacks left) every rank reloads the newest valid
-    checkpoint and returns True: the data stays where it is (the batches since that checkpoint, the
-    failed one included, are not seen again) and the latents move to new streams, so the run does not
-    walk into the same failure."""
+def recover_from_nonfinite(cfg, state, sampler, checkpointer, handlers, bad, reporter: int) -> bool:
+    """Collective, once every rank has agreed that step `p.step` went non-finite on some rank; `bad` is this
+    rank's (kind, description), said by the lowest rank that saw it (`reporter`). Returns False to stop.
+    With train.nonfinite=rollback (and rollbacks left) every rank reloads the newest valid checkpoint and
+    returns True: the data stays where it is (the batches since that checkpoint, the failed one included,
+    are not seen again) and the latents move to new streams, so the run does not walk into the same
+    failure."""
     tc, backend, p = cfg.train, state.backend, state.position
     rolling_back = tc.nonfinite == "rollback" and p.rollbacks < tc.max_rollbacks
-    if bad is not None:
+    if backend.rank == reporter:
         if rolling_back:
             action = f"rolling back to the newest checkpoint (rollback {p.rollbacks + 1} of {tc.max_rollbacks})"
         else:
@@ -220,12 +213,15 @@ def recover_from_nonfinite(cfg, state, sampler, coordinator, bad) -> bool:
         log.error("step %d: %s on rank %d: %s", p.step, bad[1], backend.rank, action)
     if not rolling_back:
         return False
-    state_to_load = backend.broadcast_object(coordinator.rollback(p.step, p.rollbacks + 1) if coordinator else None)
+    failed_step, count = p.step, p.rollbacks + 1
+    state_to_load = checkpointer.load_rollback(failed_step, count)
     if state_to_load is None:
-        if coordinator:
+        if backend.is_root:
             log.error("step %d: no checkpoint to roll back to; stopping every rank (exit %d)", p.step, EXIT_NONFINITE)
         return False
-    position, rollbacks = (p.epoch, p.batch_in_epoch), p.rollbacks + 1
+    position = (p.epoch, p.batch_in_epoch)
     state.load_state_dict(state_to_load, sampler.batches_per_epoch)
-    (p.epoch, p.batch_in_epoch), p.rollbacks = position, rollbacks
+    (p.epoch, p.batch_in_epoch), p.rollbacks = position, count
+    for handler in handlers:
+        handler.rolled_back(p.step, count, failed_step)
     return True

@@ -3,7 +3,7 @@ optimizers and fp16 gradient scalers, the position in the data, and the random s
 
 `TrainState.state_dict(backend)` is the checkpoint's training part and `load_state_dict` its exact
 inverse, used for --resume and for train.nonfinite=rollback alike. The checkpoint layout is written
-here and nowhere else (hpcgan.checkpoint stores it; hpcgan.train adds the config and dataset info):
+here and nowhere else (hpcgan.training.checkpointing stores it and adds the config and dataset info):
   step, epoch, batch_in_epoch, world_size, rollbacks   the position
   G, D          the networks, batch-norm statistics averaged over ranks (what sampling uses)
   rank_buffers  each rank's own batch-norm statistics, for an exact resume on the same world size
@@ -16,15 +16,16 @@ here and nowhere else (hpcgan.checkpoint stores it; hpcgan.train adds the config
 
 import copy
 import hashlib
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hpcgan.augment import AdaptiveAugment
-from hpcgan.checkpoint import capture_rng_state, restore_rng_state
 from hpcgan.errors import HpcganError
 from hpcgan.log import get_logger
-from hpcgan.networks import build_discriminator, build_generator
+from hpcgan.models import build_discriminator, build_generator
 
 log = get_logger("train")
 
@@ -233,3 +234,61 @@ def replica_digest(*modules) -> str:
         for t in module.parameters():
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- RNG state
+
+
+def _cuda_device(device) -> torch.device | None:
+    """The CUDA device whose RNG a rank owns: `device` if it is one, the current CUDA device when
+    none is given and CUDA is available, else None (a CPU rank)."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def capture_rng_state(device=None) -> dict:
+    """This process's RNG states (torch CPU, the rank's own CUDA device, numpy global, Python
+    `random`) as tensors, ints, floats and lists only, so that weights_only loading accepts them.
+    Only the rank's own CUDA generator is saved: the others belong to other ranks, and a list indexed
+    by device number would hand a rank someone else's stream after a resume that sees the GPUs in
+    another order or number (CUDA_VISIBLE_DEVICES per rank, another node layout)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    cuda = _cuda_device(device)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(cuda) if cuda is not None else None,
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: dict, device=None):
+    """Exact inverse of `capture_rng_state`; the saved CUDA state goes into this rank's own device
+    (none on a CPU rank; a CUDA rank resuming a CPU run keeps its seeded CUDA stream)."""
+    torch.set_rng_state(state["torch"])
+    cuda, saved = _cuda_device(device), state.get("cuda")
+    if isinstance(saved, (list, tuple)):
+        # Older checkpoints hold every visible device's state. A rank used cuda:<local rank mod count>, so
+        # under the same visibility its own stream is the entry of its current device index; with one
+        # device per rank visible it is the only entry. Other layouts cannot be told apart: entry 0.
+        index = cuda.index if cuda is not None and cuda.index < len(saved) else 0
+        saved = saved[index] if saved else None
+    if cuda is not None and saved is not None:
+        torch.cuda.set_rng_state(saved, cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
