@@ -42,7 +42,7 @@ def study_model() -> ModelConfig:
 
 
 def trained_state(cfg: ModelConfig, batch: int = 2) -> dict:
-    """The state the training coordinator checkpoints, after one real WGAN step of D and of G."""
+    """The state a training run checkpoints, after one real WGAN step of D and of G."""
     torch.manual_seed(0)
     G, D = build_generator(cfg), build_discriminator(cfg)
     opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))

@@ -1,4 +1,4 @@
-"""Reading a run directory that `hpcgan train` wrote (its layout: hpcgan/training/coordinator.py): metrics.jsonl,
+"""Reading a run directory that `hpcgan train` wrote (its layout: hpcgan/training/run_directory.py): metrics.jsonl,
 config.yaml, env.json, the sample grids, the selected checkpoint, and an evaluation.json from `hpcgan evaluate`.
 The run may be unfinished or killed: a missing file reads as nothing and a torn last log line is skipped.
 Used by `hpcgan report` and `hpcgan sweep-summary`.

@@ -20,8 +20,9 @@ a compact U-Net (hpcgan.segmentation, a fixed recipe; --budget steps) is trained
 pairs, on as many synthetic pairs, and on both, and scored by Dice on the real validation pairs, the
 real-only U-Net being the baseline (`segmentation`: higher is better).
 
---samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint generates --num-images
-images (a checkpoint file, checkpoints/ directory or run directory). The JSON holds no input paths."""
+--samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint (a checkpoint file, checkpoints/
+directory or run directory) generates the first --num-images of the run's image set, the images its
+evaluation during training scored (hpcgan.generation). The JSON holds no input paths."""
 
 import os
 
