@@ -1,7 +1,7 @@
 """Latents and generated images, one way for training, evaluation and sampling alike.
 
 Every latent comes from a torch generator seeded by a tuple of integers (`seed_for`): training steps by
-(seed, step, stream), the progress grid by (seed, 2**31 - 1), and every generated image anyone scores or
+(seed, step, stream), the progress grid by (seed, GRID_STREAM), and every generated image anyone scores or
 keeps by (seed, IMAGE_STREAM, i): image i of a run's image set. Training-time evaluation (seed =
 train.seed, images 0..eval.num_images-1), `hpcgan evaluate --checkpoint` (the checkpoint's train.seed, the
 same images) and `hpcgan sample` (stack k holds images k*stack_size onwards) all call `generate_images`.
@@ -22,6 +22,7 @@ from hpcgan.training.checkpointing import load_checkpoint
 log = get_logger("generation")
 
 IMAGE_STREAM = 2**30  # the stream of image set latents: (seed, IMAGE_STREAM, i)
+GRID_STREAM = 2**31 - 1  # the progress grid's latents, the same at every step and on every resume
 
 
 def seed_for(*keys: int) -> int:

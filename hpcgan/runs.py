@@ -43,12 +43,6 @@ def last_evaluation(path, metric) -> tuple | None:
     return found
 
 
-def last_from_metrics_jsonl(path, metric) -> tuple | None:
-    """(value, step) of the metric's last evaluation line in metrics.jsonl, or None."""
-    found = last_evaluation(path, metric)
-    return found and found[:2]
-
-
 def evaluation_result(path, metric) -> tuple | None:
     """The metric's result in an evaluation.json, or None (no file, not readable, not measured)."""
     try:

@@ -19,17 +19,15 @@ import torch
 
 from hpcgan.data import read_slices
 from hpcgan.errors import EXIT_NONFINITE, EXIT_REQUEUE
-from hpcgan.generation import draw_latents, generate_images
+from hpcgan.generation import GRID_STREAM, draw_latents, generate_images, run_generator
 from hpcgan.log import get_logger
 from hpcgan.metrics import evaluate
-from hpcgan.models.layers import eval_mode, split_joint
+from hpcgan.models.layers import split_joint
 from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_png
 from hpcgan.training.checkpointing import passes_memorization_guard
 
 log = get_logger("train")
-
-GRID_STREAM = 2**31 - 1  # the progress grid's latents: (seed, GRID_STREAM)
 
 
 @dataclass
@@ -178,9 +176,8 @@ class SampleGrid(Handler):
     def start(self):
         m = self.cfg.model
         n = self.cfg.log.grid_size
-        z = draw_latents(n, m.latent_dim, self.cfg.train.seed, GRID_STREAM).to(self.backend.device)
-        labels = (torch.arange(n) % m.num_classes).to(self.backend.device) if m.num_classes else None
-        self.latents = (z, labels)  # the same at every step and on every resume
+        z = draw_latents(n, m.latent_dim, self.cfg.train.seed, GRID_STREAM)
+        self.latents = (z, torch.arange(n) % m.num_classes if m.num_classes else None)
         if self.cfg.log.sample_every_steps and self.state.position.step == 0 and self.run:
             self.save(0)
 
@@ -196,11 +193,9 @@ class SampleGrid(Handler):
         if self.run and every and step % every and exit_code != EXIT_NONFINITE:
             self.save(step)
 
-    @torch.no_grad()
     def save(self, step: int):
-        G = self.state.G_sampling
-        with eval_mode(G):
-            images = G(*self.latents).float().cpu().numpy()
+        z, labels = self.latents
+        images = run_generator(self.state.G_sampling, z, labels, batch_size=max(1, len(z))).numpy()  # one batch
         images, masks = split_joint(images, self.cfg.model.channels)
         sheet = contact_sheet(images, nrow=max(1, int(len(images) ** 0.5)), masks=masks)
         write_png(sheet, self.run.samples / f"grid-{step:08d}.png")
@@ -324,9 +319,9 @@ class Checkpoints(Handler):
             self.checkpointer.save(self.state.state_dict(), step, events.eval_values)
 
     def finish(self, exit_code):
-        has_best = self.checkpointer.close()
+        self.checkpointer.close()
         guard = self.cfg.checkpoint.max_memorization
-        if self.run and guard and self.cfg.eval.every_steps and not has_best:
+        if self.run and guard and self.cfg.eval.every_steps and not self.checkpointer.has_best():
             log.warning(
                 "no evaluated checkpoint passed the memorisation guard (memorization <= checkpoint.max_memorization "
                 "%g): checkpoints/best is not written",

@@ -41,7 +41,7 @@ def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, resume_state=
     run = RunDirectory(run_dir, cfg, backend.describe()) if backend.is_root else None
     duty = (cfg, state, backend, run)
     handlers = [
-        RunRecord(*duty, checkpointer=checkpointer),
+        RunRecord(*duty, checkpointer=checkpointer),  # first: it trims the metrics.jsonl Evaluation.start reads
         TrainLog(*duty),
         SampleGrid(*duty),
         Evaluation(*duty, dataset_dir=dataset_dir),  # before Checkpoints: its values go with the same step

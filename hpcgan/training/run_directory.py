@@ -60,7 +60,7 @@ class RunDirectory:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list:
-        return read_jsonl(self.metrics_path) if self.metrics_path.exists() else []
+        return read_jsonl(self.metrics_path)
 
     def trim_metrics(self, step: int):
         """On resume and rollback, drop lines logged after the checkpoint (they will be logged again) and a

@@ -15,7 +15,7 @@ import pytest
 from conftest import hpcgan_cmd, kill_job, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
 from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint
 from hpcgan.io import read_jsonl
-from hpcgan.runs import last_from_metrics_jsonl, read_metrics
+from hpcgan.runs import last_evaluation, read_metrics
 from test_resume import differences, metrics_lines
 from test_train import load_ckpt, train_args
 
@@ -29,7 +29,7 @@ def test_every_reader_drops_a_torn_last_line(tmp_path, warnings_of_hpcgan):
     assert read_jsonl(path) == lines
     assert f"{path}: dropping an incomplete last line ({len(TORN)} bytes" in warnings_of_hpcgan.text
     assert read_metrics(path) == ([lines[0], lines[2]], [lines[1]])  # hpcgan report
-    assert last_from_metrics_jsonl(path, "swd") == (3.5, 2)  # hpcgan sweep-summary
+    assert last_evaluation(path, "swd") == (3.5, 2, None)  # hpcgan sweep-summary: (value, step, memorization)
     # A damaged line elsewhere is skipped and named; a missing file is an empty log.
     path.write_text(json.dumps(lines[0]) + "\n\x00\x00garbage\n" + json.dumps(lines[2]) + "\n")
     assert read_jsonl(path) == [lines[0], lines[2]] and "line 2 is not a JSON object" in warnings_of_hpcgan.text

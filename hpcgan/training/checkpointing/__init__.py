@@ -39,7 +39,7 @@ from hpcgan.training.checkpointing.files import (
     read_pointer,
     resolve_checkpoint,
 )
-from hpcgan.training.checkpointing.manager import Checkpointer, dataset_info
+from hpcgan.training.checkpointing.manager import Checkpointer
 from hpcgan.training.checkpointing.writer import CheckpointWriter, to_host
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "read_pointer",
     "resolve_checkpoint",
     "Checkpointer",
-    "dataset_info",
     "CheckpointWriter",
     "to_host",
 ]

@@ -86,11 +86,12 @@ class Checkpointer:
         self.writer.submit(checkpoint, step, metrics=eval_values)
         self.last_save_time = time.monotonic()
 
-    def close(self) -> bool:
-        """Waits for the last write (it is on disk before the job ends). True when checkpoints/best exists."""
-        if self.writer is None:
-            return False
-        self.writer.close()
+    def close(self):
+        """Waits for the last write: it is on disk before the job ends."""
+        if self.writer:
+            self.writer.close()
+
+    def has_best(self) -> bool:
         return (self.directory / "best").exists()
 
     # --- loading: rank 0 reads, every rank receives ------------------------------------------------------
