@@ -11,6 +11,7 @@ the default one (U-Net 16-32-64, batch 16) with a small budget of steps. Every r
 
   .venv/bin/python benchmarks/segmentation.py                  # 20 steps per arm at 64² and at 256²
   .venv/bin/python benchmarks/segmentation.py --steps 20 4     # 20 steps at 64², 4 at 256²
+  .venv/bin/python benchmarks/segmentation.py --device cuda    # on cuda:<local rank> (2 ranks: 2 GPUs)
 """
 
 import argparse
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from harness import sh
 
 PY = sys.executable
@@ -52,17 +54,22 @@ def pairs(dataset):
     return train, (synth_images, synth_masks), val
 
 
-def worker(dataset, steps, out_json):
+def worker(dataset, steps, device, out_json):
     """Run under mpirun: every rank loads the same pairs, then times one evaluation between barriers."""
+    from hpcgan.parallel import launch_env
+    from hpcgan.parallel.backend import pick_device
     from hpcgan.parallel.group import world_group
     from hpcgan.segmentation import SegmentationRecipe, task_evaluation
 
     group = world_group()
+    device = pick_device(launch_env().local_rank, device)
     train, synth, val = pairs(dataset)
     recipe = SegmentationRecipe(steps=steps)
     group.barrier()
     start = time.perf_counter()
-    result = task_evaluation(train, synth, val, 3, recipe, group=group)
+    result = task_evaluation(train, synth, val, 3, recipe, group=group, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     group.barrier()
     seconds = time.perf_counter() - start
     if group.is_root:
@@ -73,10 +80,13 @@ def worker(dataset, steps, out_json):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", nargs=2, type=int, default=(20, 20), metavar=("AT_64", "AT_256"))
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="the U-Nets' device, per rank (default cpu)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("DATASET", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        return worker(args.worker[0], int(args.worker[1]), args.device, args.worker[2])
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -85,11 +95,11 @@ def main():
             for ranks in (1, 2):
                 out = root / f"{size}-{ranks}.json"
                 mpirun = ["mpirun", "-np", ranks, "--oversubscribe", "--bind-to", "none"]
-                sh(mpirun + [PY, __file__, "--worker", dataset, steps, out], timeout=7200)
+                sh(mpirun + [PY, __file__, "--worker", dataset, steps, out, "--device", args.device], timeout=7200)
                 runs[size, ranks] = json.loads(out.read_text())
     print(
         "task evaluation: 3 arms (24 real, 24 synthetic, 48 union training pairs), 24 validation pairs, "
-        "U-Net 16-32-64, global batch 16, one thread per rank"
+        f"U-Net 16-32-64, global batch 16, one thread per rank, on {args.device}"
     )
     columns = (("size", 5), ("steps", 6), ("ranks", 6), ("eval s", 8), ("train img/s", 12))
     columns += (("speed-up", 9), ("real Dice", 10))

@@ -1,13 +1,20 @@
 """Small data without memorisation: `wgan-gp-64` on the sample data (one training brain, 48 slices of
-64x64; one validation brain) on 2 ranks for the same number of steps, twice, measured in one run:
+64x64; one validation brain; a test brain) on 2 ranks for the same number of steps, twice, measured in one run:
   (A) baseline: no augmentation, checkpoints/best = lowest SWD;
   (B) ADA (train.ada_target=0.6) + memorisation guard (checkpoint.max_memorization, default 0.04: twice the
       validation baseline of 1/48 = 0.021, i.e. the goal itself), best = lowest SWD among guarded evaluations.
 Both evaluate swd and memorization every --eval-every steps with a checkpoint at each evaluation. The
-SELECTED checkpoint of each arm (checkpoints/best; in B, latest when no evaluation passed the guard) is then
-scored by `hpcgan evaluate` (1000 images; swd, msssim, intensity, memorization) beside the real-vs-real
-baselines. Goal: memorisation within 2x of the validation baseline while SWD is within 2x of the
-real-vs-real baseline. Every process runs one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free cores.
+SELECTED checkpoint of each arm (what `hpcgan evaluate --checkpoint RUN` takes: checkpoints/best; in B,
+latest, asked for by name, when no evaluation passed the guard) is then scored by `hpcgan evaluate` (1000
+images; swd, msssim, intensity, memorization) beside the real-vs-real baselines, twice:
+  --split val   the validation brain the checkpoint was selected on (selection figures: optimistic by
+                construction, since the guard and `best` chose on these very slices);
+  --split test  a third subject that training, its evaluation and the guard never read (preprocess
+                --test-fraction): the FINAL figures, the ones the goal is judged on.
+The sample data holds two brains, so the test subject is the validation brain (Colin27) mirrored left to
+right: other slices than any the selection saw, though not another person's anatomy. Goal: memorisation
+within 2x of its held-out baseline while SWD is within 2x of the real-vs-real baseline. Every process runs
+one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free cores.
 
   .venv/bin/python benchmarks/small_data.py             # 1500 steps per arm (about 25 minutes on 2 cores)
   .venv/bin/python benchmarks/small_data.py --quick     # 100 steps per arm (a smoke run, a few minutes)
@@ -23,18 +30,45 @@ from pathlib import Path
 
 from harness import sh
 
+from hpcgan.errors import UsageError
+from hpcgan.preprocess.plan import split_subjects
+from hpcgan.training.checkpointing import read_index, select_checkpoint
+
 PY = sys.executable
 METRICS = ("swd", "msssim", "intensity", "memorization")
 GOAL_RATIO = 2.0
+# The held-out splits each selected checkpoint is scored on: val, what it was selected on; test, the final figures.
+SCORED = {"val": "validation split (selection figures)", "test": "test split (FINAL figures)"}
+
+
+# Subject → split: the training and validation brains as in the tests' sample_dataset, and the test subject.
+SPLITS = {"mni152": "train", "colin27": "val", "colin27-mirrored": "test"}
+
+
+def split_seed() -> int:
+    """The first preprocess --seed that puts each subject of SPLITS in its split."""
+    fractions = dict(val_fraction=1 / 3, test_fraction=1 / 3)
+    return next(seed for seed in range(1000) if split_subjects(sorted(SPLITS), seed=seed, **fractions) == SPLITS)
 
 
 def make_dataset(root: Path) -> Path:
-    """The sample brains preprocessed like the tests' sample_dataset (tests/conftest.py)."""
+    """The sample brains preprocessed like the tests' sample_dataset (tests/conftest.py), plus a test split: the
+    validation brain mirrored left to right (its voxel x axis), t1 and seg alike."""
+    import nibabel as nib
+    import numpy as np
+
     mri, out = root / "mri", root / "data"
     sh([PY, "-m", "hpcgan", "sample-data", mri], timeout=600)
+    (mri / "colin27-mirrored").mkdir()
+    for modality in ("t1", "seg"):
+        image = nib.load(mri / "colin27" / f"colin27_{modality}.nii.gz")
+        mirrored = np.ascontiguousarray(np.asanyarray(image.dataobj)[::-1])
+        path = mri / "colin27-mirrored" / f"colin27-mirrored_{modality}.nii.gz"
+        nib.save(nib.Nifti1Image(mirrored, image.affine, image.header), path)
     sh(
         [PY, "-m", "hpcgan", "preprocess", "--input", mri, "--output", out, "--modalities", "t1", "--mask", "seg"]
-        + "--slices 60:108 --min-brain-fraction 0 --size 64 --val-fraction 0.5".split(),
+        + "--slices 60:108 --min-brain-fraction 0 --size 64".split()
+        + ["--val-fraction", 1 / 3, "--test-fraction", 1 / 3, "--seed", split_seed()],
         timeout=600,
     )
     return out
@@ -59,13 +93,14 @@ def train(dataset, run_dir, steps, eval_every, extra=()):
 
 
 def selected_checkpoint(run_dir: Path):
-    """(path, note): checkpoints/best's file, else latest's (no evaluation passed the guard)."""
-    from hpcgan.training.checkpointing import resolve_checkpoint
-
-    ckpts = run_dir / "checkpoints"
-    if (ckpts / "best").exists():
-        return resolve_checkpoint(ckpts / "best"), "best"
-    return resolve_checkpoint(ckpts / "latest"), "latest (no evaluation passed the guard)"
+    """(path, note): the run's selected checkpoint (select_checkpoint, as `evaluate --checkpoint RUN`), else
+    checkpoints/latest, asked for by name, when no evaluation passed the guard."""
+    try:
+        path, reason = select_checkpoint(run_dir)
+    except UsageError:
+        path, _ = select_checkpoint(run_dir / "checkpoints" / "latest")
+        return path, "latest: no evaluation passed the guard"
+    return path, f"best: {reason}"
 
 
 def trajectory(run_dir: Path):
@@ -79,10 +114,10 @@ def trajectory(run_dir: Path):
     return evals, aug_p
 
 
-def evaluate(dataset, checkpoint, out_json, num_images):
+def evaluate(dataset, checkpoint, out_json, num_images, split):
     sh(
         [PY, "-m", "hpcgan", "evaluate", "--data", dataset, "--checkpoint", checkpoint, "--out", out_json]
-        + ["--metrics", ",".join(METRICS), "--num-images", num_images],
+        + ["--metrics", ",".join(METRICS), "--num-images", num_images, "--split", split],
         timeout=3600,
     )
     return json.loads(Path(out_json).read_text())["metrics"]
@@ -117,10 +152,9 @@ def main():
             seconds = train(dataset, run_dir, steps, eval_every, extra)
             ckpt, note = selected_checkpoint(run_dir)
             evals, aug_p = trajectory(run_dir)
-            metrics = evaluate(dataset, ckpt, tmp / f"eval{i}.json", num_images)
-            index = json.loads((ckpt.parent / "checkpoints.json").read_text())
-            step = next(entry["step"] for entry in index if entry["file"] == ckpt.name)
-            results[name] = dict(seconds=seconds, note=note, step=step, evals=evals, aug_p=aug_p, metrics=metrics)
+            scores = {s: evaluate(dataset, ckpt, tmp / f"eval{i}-{s}.json", num_images, s) for s in SCORED}
+            step = next(entry["step"] for entry in read_index(ckpt.parent) if entry["file"] == ckpt.name)
+            results[name] = dict(seconds=seconds, note=note, step=step, evals=evals, aug_p=aug_p, scores=scores)
     report(results, steps, eval_every, num_images, args.max_memorization, time.perf_counter() - wall)
 
 
@@ -130,7 +164,6 @@ def ratio(value, baseline):
 
 
 def report(results, steps, eval_every, num_images, guard, wall):
-    first = next(iter(results.values()))["metrics"]
     print()
     print(
         f"wgan-gp-64 on the sample data (48 training slices of 64x64), 2 ranks, {steps} steps per arm, "
@@ -143,7 +176,31 @@ def report(results, steps, eval_every, num_images, guard, wall):
             "  during training (step: swd / memorization of 128 images): "
             + ", ".join(f"{s}: {v:.0f}/{m:.2f}" for s, v, m in r["evals"])
         )
-    print(f"\nselected checkpoints scored by hpcgan evaluate ({num_images} images; lower is better for all)")
+    for split, title in SCORED.items():
+        scored_by = f"hpcgan evaluate --split {split}, {num_images} images"
+        score_table(results, split, f"selected checkpoints scored by {scored_by}: {title}")
+    print(
+        f"goal: memorization <= {GOAL_RATIO:g}x its held-out baseline and swd <= {GOAL_RATIO:g}x real-vs-real "
+        "(msssim below baseline = more diverse than real pairs; far above = mode collapse); judged on the test split"
+    )
+    for name, r in results.items():
+        ratios = {split: goal_ratios(r["scores"][split]) for split in SCORED}
+        shown = "; ".join(f"{split}: memorization {mem:.2f}x, swd {swd:.2f}x" for split, (mem, swd) in ratios.items())
+        met = all(x <= GOAL_RATIO for x in ratios["test"])
+        print(f"  {name}: {shown} -> goal {'met' if met else 'not met'} (on the test split)")
+    print(f"wall time {wall / 60:.1f} min")
+    sys.stdout.flush()
+
+
+def goal_ratios(metrics) -> tuple:
+    """(memorization, swd), each as a multiple of its real-vs-real baseline."""
+    return tuple(ratio(metrics[name]["value"], metrics[name]["baseline"]) for name in ("memorization", "swd"))
+
+
+def score_table(results, split, title):
+    """One row per metric: the real-vs-real baseline on `split`, and each arm's value and its ratio to it."""
+    first = next(iter(results.values()))["scores"][split]
+    print(f"\n{title}; lower is better for all")
     header = f"{'metric':13s} {'real-vs-real':>12s}"
     for name in results:
         header += f" {name:>12s} {'x baseline':>10s}"
@@ -152,21 +209,9 @@ def report(results, steps, eval_every, num_images, guard, wall):
         base = first[metric]["baseline"]
         row = f"{metric:13s} {base:12.4g}"
         for r in results.values():
-            value = r["metrics"][metric]["value"]
+            value = r["scores"][split][metric]["value"]
             row += f" {value:12.4g} {ratio(value, base):10.2f}"
         print(row)
-    print(
-        f"goal: memorization <= {GOAL_RATIO:g}x its validation baseline and swd <= {GOAL_RATIO:g}x real-vs-real "
-        "(msssim below baseline = more diverse than real pairs; far above = mode collapse)"
-    )
-    for name, r in results.items():
-        m = r["metrics"]
-        mem = ratio(m["memorization"]["value"], m["memorization"]["baseline"])
-        swd = ratio(m["swd"]["value"], m["swd"]["baseline"])
-        met = mem <= GOAL_RATIO and swd <= GOAL_RATIO
-        print(f"  {name}: memorization {mem:.2f}x, swd {swd:.2f}x -> goal {'met' if met else 'not met'}")
-    print(f"wall time {wall / 60:.1f} min")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

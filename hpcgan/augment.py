@@ -23,7 +23,10 @@ rotate and scale are one bilinear resampling (affine_grid/grid_sample) with *ref
 ADA's translation: the border of an MRI slice is background (-1), and reflection continues that
 background, where zero padding would draw a mid-grey frame (0 in [-1, 1]) that no real image has, an
 easy cue for D and an artefact that G could learn; it also keeps joint mode's one-hot mask channels
-made of mask values.
+made of mask values. grid_sample's CUDA backward adds gradients with atomics and has no deterministic
+kernel, so torch.use_deterministic_algorithms raises in the first backward: train.deterministic=true on
+CUDA refuses rotate and scale before training starts (`nondeterministic_ops`, checked by
+hpcgan.training.checks.check_deterministic); on the CPU the backward is deterministic and both are allowed.
 
 Joint mode (`model.mask_classes`): the tensors hold `image_channels` image channels and then the mask
 channels. Geometric ops (translation, flip, rotate, scale, cutout) move every channel identically, so
@@ -141,6 +144,15 @@ def diff_augment(x, policy: str, image_channels: int | None = None):
 ADA_OPS = ("flip", "translation", "scale", "rotate", "color", "cutout")  # the order they are applied in
 MAX_ROTATE_DEG = 10.0
 SCALE_LOG2_STD = 0.1
+NONDETERMINISTIC_ON_CUDA = ("scale", "rotate")  # grid_sample: no deterministic CUDA backward
+
+
+def nondeterministic_ops(ops, device_type: str, deterministic: bool) -> tuple:
+    """The ops of `ops` that torch refuses under deterministic algorithms on this device type (the
+    module docstring): empty unless deterministic on CUDA."""
+    if not deterministic or device_type != "cuda":
+        return ()
+    return tuple(op for op in ops if op in NONDETERMINISTIC_ON_CUDA)
 
 
 def parse_ada_policy(policy: str, key: str = "train.ada_policy") -> tuple:

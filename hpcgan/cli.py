@@ -10,6 +10,8 @@ import traceback
 
 from hpcgan import __version__
 from hpcgan.errors import HpcganError, UsageError
+from hpcgan.commands import common_flags
+from hpcgan.io import group_readable_from_env, set_output_permissions
 from hpcgan.log import setup_logging
 from hpcgan.parallel.failure import PEER_FAILURE_GRACE_S, abort_job, lost_a_peer
 
@@ -37,16 +39,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _common_flags() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="log at DEBUG on every rank and show tracebacks")
-    return common
-
-
 def build_parser(command: str | None = None) -> ArgumentParser:
     parser = ArgumentParser(
         prog="hpcgan",
-        parents=[_common_flags()],
+        parents=[common_flags(top=True)],
         description="Distributed GAN training on medical images for HPC clusters. "
         "`hpcgan COMMAND --help` describes each command.",
     )
@@ -59,7 +55,7 @@ def build_parser(command: str | None = None) -> ArgumentParser:
             name,
             help=help_text,
             description=description,
-            parents=[_common_flags()],
+            parents=[common_flags(top=False)],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if module:
@@ -81,6 +77,11 @@ def main(argv=None) -> int:
         return 2
     setup_logging(debug=args.debug)
     try:
+        # Outputs derive from patients: private (or group-readable) before anything is written. Not for
+        # doctor, which writes nothing and runs at container build time, where the byte-code caches of
+        # the modules it imports must stay readable to every user of the image.
+        if args.command != "doctor":
+            set_output_permissions(args.group_readable or group_readable_from_env())
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         sys.stderr.write(f"hpcgan {args.command}: interrupted\n")

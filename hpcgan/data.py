@@ -2,12 +2,13 @@
 
 `SliceDataset` reads single slices from the HDF5 shards, opening files lazily in each worker
 process; `RankSampler` gives rank r of n a disjoint part of an epoch's permutation, the same
-number of batches on every rank; `make_loader` puts the two together; `read_slices` loads a
-deterministic subset for evaluation.
+number of batches on every rank; `make_loader` puts the two together in a `SliceLoader` (a worker's
+failure is one line); `read_slices` loads a deterministic subset for evaluation.
 """
 
 import bisect
 import os
+import re
 
 import h5py
 import numpy as np
@@ -121,13 +122,18 @@ class SliceDataset(torch.utils.data.Dataset):
                     )
                 image = torch.cat([image, encode_masks(mask[None], self.mask_classes)[0]])
         except OSError as exc:  # h5py: a damaged chunk or a shard cut short
-            raise HpcganError(
-                f"{os.path.join(self.dataset_dir, name)}: image {row} is unreadable ({exc}); "
-                f"`hpcgan info {self.dataset_dir} --verify` checks every shard"
-            ) from exc
+            raise self.unreadable(name, f"image {row}", exc) from exc
         if self.flip and self.flips(index, epoch):
             image = image.flip(-1)
         return image, self._label_tensors[label].clone()
+
+    def unreadable(self, name: str, what: str, exc: OSError) -> HpcganError:
+        """The one-line error for `what` of shard `name` that h5py could not read."""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return HpcganError(
+            f"{os.path.join(self.dataset_dir, name)}: {what} is unreadable ({reason}); "
+            f"`hpcgan info {self.dataset_dir} --verify` checks every shard"
+        )
 
     def __getstate__(self):  # never pickle open HDF5 handles into DataLoader workers
         state = dict(self.__dict__)
@@ -226,6 +232,57 @@ class EpochTagged(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
+# How torch re-raises a worker's exception in the loading process: its type, built from this header and the
+# worker's whole traceback, the exception's own "module.Type: message" line last.
+WORKER_FAILURE = re.compile(r"Caught \w+ in DataLoader worker process (\d+)\.\nOriginal Traceback")
+
+
+def worker_failure_line(exc: BaseException) -> str | None:
+    """The one line to show for a DataLoader worker's exception as torch re-raises it (None for any other
+    exception): an HpcganError's own message (it names the shard and the reason), else the worker's number and
+    the exception's last line. The whole traceback stays in the exception, shown with --debug."""
+    header = WORKER_FAILURE.match(str(exc))
+    if header is None:
+        return None
+    last = str(exc).rstrip().splitlines()[-1]
+    _, sep, message = last.partition(": ")
+    if isinstance(exc, HpcganError) and sep:
+        return message
+    return f"DataLoader worker {header[1]}: {last}"
+
+
+class _OneLineWorkerFailures:
+    """An iterator over a DataLoader's batches that re-raises a worker's failure as one line (the same
+    HpcganError type, or HpcganError), chained to torch's multi-line exception."""
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return len(self._batches)
+
+    def __next__(self):
+        try:
+            return next(self._batches)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            line = worker_failure_line(exc)
+            if line is None:
+                raise
+            raise (type(exc) if isinstance(exc, HpcganError) else HpcganError)(line) from exc
+
+
+class SliceLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' failures reach the user as one line, like the loading process's own."""
+
+    def __iter__(self):
+        return _OneLineWorkerFailures(super().__iter__())
+
+
 def make_loader(
     dataset_dir,
     split,
@@ -252,7 +309,7 @@ def make_loader(
         workers = {"persistent_workers": True, "multiprocessing_context": "forkserver"}
     # A private generator for the loader's worker base seed: iter(loader) then draws nothing from the
     # global torch RNG, so the training's random stream does not depend on num_workers or on epochs.
-    loader = torch.utils.data.DataLoader(
+    loader = SliceLoader(
         dataset,
         batch_size=batch_size,
         sampler=EpochTagged(sampler),
@@ -285,9 +342,13 @@ def read_slices(dataset_dir, split, max_items=None, seed=0, with_masks=False):
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
             rows = indices[where] - dataset.offsets[shard]
-            out[where] = decode(dataset._dataset(dataset.shard_names[shard], "images")[rows]).numpy()
-            if with_masks:
-                masks[where] = dataset._dataset(dataset.shard_names[shard], "masks")[rows]
+            name = dataset.shard_names[shard]
+            try:
+                out[where] = decode(dataset._dataset(name, "images")[rows]).numpy()
+                if with_masks:
+                    masks[where] = dataset._dataset(name, "masks")[rows]
+            except OSError as exc:
+                raise dataset.unreadable(name, f"image {int(rows[0])}", exc) from exc
     finally:
         dataset.close()
     return (out, masks) if with_masks else out

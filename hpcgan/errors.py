@@ -5,6 +5,9 @@ EXIT_REQUEUE = 75
 # EX_DATAERR: a loss or the weights went NaN/inf on some rank (poisoned data or divergence) and
 # train.nonfinite=stop (or its rollbacks ran out); nothing non-finite was checkpointed.
 EXIT_NONFINITE = 65
+# EX_UNAVAILABLE: this rank waited train.watchdog_s in one collective for ranks it cannot reach (a network
+# partition, a stopped peer): hpcgan.parallel.watchdog ended it.
+EXIT_CUT_OFF = 69
 
 
 class HpcganError(Exception):

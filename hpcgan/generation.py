@@ -13,10 +13,11 @@ import torch
 
 from hpcgan.config import build
 from hpcgan.errors import UsageError
+from hpcgan.io import sha256_file
 from hpcgan.log import get_logger
 from hpcgan.models import build_generator
 from hpcgan.models.config import ModelConfig
-from hpcgan.models.layers import eval_mode, network_channels
+from hpcgan.models.layers import eval_mode, network_channels, split_joint
 from hpcgan.training.checkpointing import load_checkpoint
 
 log = get_logger("generation")
@@ -112,3 +113,15 @@ def load_generator(checkpoint, ema: bool = True, device="cpu", source: str = "ch
 def run_seed(checkpoint: dict) -> int:
     """train.seed of the run a checkpoint comes from: the seed of its evaluation images (0 if unrecorded)."""
     return int(((checkpoint.get("config") or {}).get("train") or {}).get("seed") or 0)
+
+
+def checkpoint_images(path, num_images: int, image_channels: int) -> tuple:
+    """(images, masks or None, provenance) of the first `num_images` of the image set of checkpoint file `path`
+    (its train.seed: the images its evaluation during training scored), as `hpcgan evaluate --checkpoint` and
+    `hpcgan turing-test make --checkpoint` score and show them. Masks come from a joint image + mask model;
+    provenance is {"source": "checkpoint", "checkpoint_sha256", "step"}."""
+    checkpoint = load_checkpoint(path)
+    G = load_generator(checkpoint, source=str(path))
+    images, masks = split_joint(generate_images(G, range(num_images), run_seed(checkpoint)).numpy(), image_channels)
+    provenance = {"source": "checkpoint", "checkpoint_sha256": sha256_file(path), "step": checkpoint.get("step")}
+    return images, masks, provenance

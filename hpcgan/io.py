@@ -2,11 +2,14 @@
 and checksums."""
 
 import contextlib
+import csv
 import errno
+import io
 import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 
 from hpcgan.errors import HpcganError, UsageError
@@ -15,6 +18,50 @@ from hpcgan.log import get_logger
 log = get_logger("io")
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+# Everything the commands write derives from patients: private to the user by default (directories 0700,
+# files 0600), group-readable on request (0750, 0640) for a project that shares a group; never world-readable.
+PRIVATE_UMASK, GROUP_READABLE_UMASK = 0o077, 0o027
+GROUP_READABLE_ENV = "HPCGAN_GROUP_READABLE"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def group_readable_from_env(environ=os.environ) -> bool:
+    """HPCGAN_GROUP_READABLE (for Slurm scripts and containers, where a flag is awkward to pass on)."""
+    value = environ.get(GROUP_READABLE_ENV, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise UsageError(f"{GROUP_READABLE_ENV}={environ[GROUP_READABLE_ENV]!r}: expected 1 or 0 (true/false)")
+    return value in _TRUE
+
+
+def set_output_permissions(group_readable: bool):
+    """Set the process umask once, at command start on every rank, whatever the user's own: then every
+    writer (these atomic writers, h5py, torch.save, PIL, nibabel, TensorBoard, os.makedirs) creates private
+    files and directories without each having to chmod, and child processes inherit it."""
+    os.umask(GROUP_READABLE_UMASK if group_readable else PRIVATE_UMASK)
+
+
+def _create_unique(directory, prefix: str, suffix: str, create) -> str:
+    """`create(path)` on a new random name (8 characters, as tempfile's) in `directory`. Unlike mkstemp and
+    mkdtemp (always 0600/0700), `create` opens with 0666/0777 so the umask decides the mode, and nothing
+    reads or swaps the process umask (the checkpoint thread writes while the training thread does)."""
+    for _ in range(100):
+        path = os.path.join(directory, prefix + secrets.token_hex(4) + suffix)
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.path.join(directory, prefix + "*" + suffix))
+
+
+def _create_file(path):
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def make_temp_dir(parent, prefix: str, suffix: str = ".tmp") -> str:
+    """A new directory with a random name in `parent`, with the mode os.mkdir gives (the umask's)."""
+    return _create_unique(os.fspath(parent), prefix, suffix, lambda path: os.mkdir(path, 0o777))
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -42,13 +89,9 @@ def atomic_path(path):
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     ext = name[name.index(".") :] if "." in name.lstrip(".") else ""
-    umask = os.umask(0)
-    os.umask(umask)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + ext, dir=directory)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
+        tmp = _create_unique(directory, f".{name}.", ".tmp" + ext, _create_file)  # mode: the umask's
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # a full disk can show up only here (delayed allocation, NFS)
@@ -144,6 +187,20 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
+def fsync_file(path):
+    """Make what was written to `path` (an append-only log) and its directory entry durable; nothing if it
+    does not exist yet."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def write_bytes_atomic(path, data: bytes):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -151,6 +208,15 @@ def write_bytes_atomic(path, data: bytes):
 
 def write_json_atomic(path, obj):
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv_atomic(path, header, rows):
+    """A CSV table (`header`, then `rows`; None as an empty cell), written atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if value is None else value for value in row] for row in rows])
+    write_bytes_atomic(path, text.getvalue().encode())
 
 
 # What atomic_path leaves when its process is killed before the rename: "." + name + "." +

@@ -1,5 +1,7 @@
 """Reading a run directory that `hpcgan train` wrote (its layout: hpcgan/training/run_directory.py): metrics.jsonl,
-config.yaml, env.json, the sample grids, the selected checkpoint, and an evaluation.json from `hpcgan evaluate`.
+env.json, the sample grids and provenance of sample stacks, and an evaluation.json from `hpcgan evaluate`. The run's
+config.yaml and its selected checkpoint are read by hpcgan.training.checkpointing (read_run_config, run_selection),
+which `select_checkpoint` follows.
 The run may be unfinished or killed: a missing file reads as nothing and a torn last log line is skipped.
 Used by `hpcgan report` and `hpcgan sweep-summary`.
 
@@ -11,10 +13,8 @@ import json
 import os
 import re
 
-import yaml
-
 from hpcgan.io import read_json, read_jsonl
-from hpcgan.training.checkpointing import CHECKPOINTS_DIR, read_index, read_pointer
+from hpcgan.stacks import read_stack_attrs
 
 
 def read_metrics(path) -> tuple:
@@ -43,25 +43,24 @@ def last_evaluation(path, metric) -> tuple | None:
     return found
 
 
-def evaluation_result(path, metric) -> tuple | None:
-    """The metric's result in an evaluation.json, or None (no file, not readable, not measured)."""
+def read_json_object(path) -> dict:
+    """A JSON object a command wrote (an evaluation.json: metrics, generated with its checkpoint_sha256, split;
+    a sample index.json), as a dict; {} when it is missing, not readable or not an object: a run may lack it."""
     try:
         with open(path) as f:
-            results = json.load(f)["metrics"]
-        value = metric_value(results[metric])
-    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def evaluation_result(path, metric) -> tuple | None:
+    """The metric's result in an evaluation.json, or None (no file, not readable, not measured)."""
+    results = read_json_object(path).get("metrics")
+    if not isinstance(results, dict):
         return None
+    value = metric_value(results.get(metric))
     return (value, "evaluation.json", metric_value(results.get("memorization"))) if value is not None else None
-
-
-def read_config(run_dir) -> dict | None:
-    """The run's config.yaml as a dict, or None (missing, unreadable, not a mapping)."""
-    try:
-        with open(os.path.join(run_dir, "config.yaml")) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
 
 
 def config_text(run_dir) -> str | None:
@@ -71,6 +70,23 @@ def config_text(run_dir) -> str | None:
         return None
     with open(path) as f:
         return f.read()
+
+
+def samples_provenance(samples_dir) -> dict:
+    """{"checkpoint_sha256", "step"} of the stacks `hpcgan sample` wrote to a directory: from its index.json, else
+    from a stack-*.h5's attributes; {} when neither records them (or there are no stacks)."""
+    index = read_json_object(os.path.join(samples_dir, "index.json"))
+    if not index.get("checkpoint_sha256"):
+        stacks = sorted(glob.glob(os.path.join(samples_dir, "stack-*.h5")))
+        try:
+            index = read_stack_attrs(stacks[0]) if stacks else {}
+        except (OSError, KeyError):
+            index = {}
+    step = index.get("step")
+    return {
+        "checkpoint_sha256": str(index["checkpoint_sha256"]) if index.get("checkpoint_sha256") else None,
+        "step": int(step) if step is not None else None,
+    }
 
 
 def read_env(run_dir) -> dict:
@@ -86,29 +102,6 @@ def grid_steps(run_dir) -> list:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
-
-
-def selected_checkpoint(run_dir) -> dict | None:
-    """The checkpoint a run selected (checkpoints/best) and what it was selected by: {"metric":
-    checkpoint.best_metric, "guard": checkpoint.max_memorization or None, "checkpoints": how many are indexed,
-    "file", "step", "metrics"} (file and step None when none is best, e.g. none passed the memorisation guard).
-    None for a run without evaluation during training (nothing to select by)."""
-    config = read_config(run_dir)
-    if config is None or not (config.get("eval") or {}).get("every_steps"):
-        return None
-    ck = config.get("checkpoint") or {}
-    directory = os.path.join(run_dir, CHECKPOINTS_DIR)
-    entries = read_index(directory) if os.path.isdir(directory) else []
-    name = read_pointer(os.path.join(directory, "best"))
-    entry = next((e for e in entries if e.get("file") == name), None) if name else None
-    return {
-        "metric": ck.get("best_metric", "swd"),
-        "guard": ck.get("max_memorization") or None,
-        "checkpoints": len(entries),
-        "file": entry["file"] if entry else None,
-        "step": entry.get("step") if entry else None,
-        "metrics": dict(entry.get("metrics") or {}) if entry else {},
-    }
 
 
 def selected_result(selected: dict, metric) -> tuple | None:

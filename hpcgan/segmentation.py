@@ -28,6 +28,10 @@ The recipe (`SegmentationRecipe`, every field in the result):
     Adam amplifies over the steps: about 1e-3 of Dice after 40 steps at 32², measured).
   - prediction: argmax of the logits; Dice per class over the whole validation set (`dice_per_class`).
 
+Device: `device` (default the CPU) holds the networks, the data, every batch and the Dice counts;
+the host sees only what crosses between ranks (the flat gradient buffer and the counts, as numpy:
+Group.allreduce_sum) and the numbers of the result.
+
 Data: images (N, C, H, W) float32 in [-1, 1]; masks (N, H, W) integer labels 0..K-1, 0 background.
 """
 
@@ -195,8 +199,8 @@ def train_segmenter(
     images, masks, num_classes: int, recipe: SegmentationRecipe, group=ONE_PROCESS, progress=None, device=None
 ) -> UNet:
     """The recipe's U-Net trained on (images, masks), data-parallel over the ranks of `group` (every
-    rank passes the same data and gets the same network). `device`: default the images' device when
-    they are a tensor, else the CPU. `progress`: a tqdm-like bar, updated by 1 per step."""
+    rank passes the same data and gets the same network), on `device` (a torch.device; default the
+    images' device when they are a tensor, else the CPU). `progress`: a tqdm-like bar, updated by 1 per step."""
     _check_num_classes(num_classes)
     images, masks = _pairs((images, masks), "training pairs", num_classes)
     if len(images) == 0:
@@ -237,18 +241,20 @@ def train_segmenter(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images, batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) int64 labels: argmax of `model`'s logits, in batches on its device."""
+def predict_labels(model: nn.Module, images, batch_size: int = 64) -> torch.Tensor:
+    """(N, H, W) int64 labels on `model`'s device: argmax of its logits, in batches on that device."""
     device = next(model.parameters()).device
     images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, np.float32))
     with eval_mode(model):
         out = [
-            model(images[i : i + batch_size].to(device).float()).argmax(1).cpu()
-            for i in range(0, len(images), batch_size)
+            model(images[i : i + batch_size].to(device).float()).argmax(1) for i in range(0, len(images), batch_size)
         ]
-    if not out:
-        return np.zeros((0, *images.shape[2:]), np.int64)
-    return torch.cat(out).numpy().astype(np.int64, copy=False)
+    return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.int64, device=device)
+
+
+def predict(model: nn.Module, images, batch_size: int = 64) -> np.ndarray:
+    """predict_labels as numpy (N, H, W) int64, for callers outside the task."""
+    return predict_labels(model, images, batch_size).cpu().numpy()
 
 
 # ---------------------------------------------------------------- Dice
@@ -257,12 +263,17 @@ def predict(model: nn.Module, images, batch_size: int = 64) -> np.ndarray:
 def dice_counts(pred, target, num_classes: int) -> np.ndarray:
     """(3, K) float64: per class |A∩B|, |A| (predicted pixels) and |B| (true pixels). Integer counts,
     so the counts of parts of a set add up to those of the set, exactly."""
-    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
+    return _label_counts(torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(target)), num_classes).numpy()
+
+
+def _label_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """dice_counts of label tensors, computed and returned (float64) on their device."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     if pred.shape != target.shape:
-        raise UsageError(f"dice: predicted and true masks differ in size ({pred.size} vs {target.size} pixels)")
+        raise UsageError(f"dice: predicted and true masks differ in size ({pred.numel()} vs {target.numel()} pixels)")
     k = num_classes
-    both = np.bincount(target[pred == target], minlength=k)[:k]
-    return np.stack([both, np.bincount(pred, minlength=k)[:k], np.bincount(target, minlength=k)[:k]]).astype(np.float64)
+    both = torch.bincount(target[pred == target], minlength=k)[:k]
+    return torch.stack([both, torch.bincount(pred, minlength=k)[:k], torch.bincount(target, minlength=k)[:k]]).double()
 
 
 def dice_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -286,16 +297,25 @@ def mean_foreground_dice(dice: np.ndarray) -> float | None:
     return float(foreground.mean()) if foreground.size else None
 
 
-def _split_counts(model, images, masks, num_classes: int, group, batch_size: int) -> np.ndarray:
+def dice_counts_over_ranks(model, images, masks, num_classes: int, group, batch_size: int) -> np.ndarray:
     """dice_counts of the model's predictions over the whole set, each rank predicting a contiguous
-    part and the integer counts summed over ranks: the same on every rank."""
+    part on the model's device and the integer counts summed over ranks: the same on every rank."""
     bounds = np.linspace(0, len(images), group.world_size + 1).astype(int)
     part = slice(bounds[group.rank], bounds[group.rank + 1])
-    counts = dice_counts(predict(model, images[part], batch_size), masks[part].numpy(), num_classes)
+    pred = predict_labels(model, images[part], batch_size)
+    counts = _label_counts(pred, masks[part].to(pred.device), num_classes).cpu().numpy()  # MPI sums numpy
     return group.allreduce_sum(counts) if group.world_size > 1 else counts
 
 
 # ---------------------------------------------------------------- the three arms
+
+
+def synthetic_subset(n_synth: int, n_real: int, seed: int) -> np.ndarray:
+    """Indices of the synthetic pairs the synthetic arms train on: as many as there are real pairs, a
+    subset seeded by (seed, n_synth) in the stored order; all of them when there are fewer."""
+    if n_synth < n_real:
+        return np.arange(n_synth)
+    return np.sort(np.random.default_rng([seed, n_synth]).choice(n_synth, n_real, replace=False))
 
 
 def _json_floats(values) -> list:
@@ -316,8 +336,8 @@ def task_evaluation(
     (images, masks) pair. Every rank of `group` calls it with the same arguments and gets the same
     JSON-able dict: {"recipe", "num_classes", "arms": {arm: {"dice": [per class, null where
     undefined], "mean_dice": mean foreground Dice, "train_pairs", "seconds"}}, "baseline": "real",
-    "value": mean_dice of "synthetic", "seconds", "notes"}. `progress` gets 1 per training step
-    (3 × recipe.steps in all)."""
+    "value": mean_dice of "synthetic", "seconds", "notes"}. `device`: a torch.device for the networks,
+    data and counts (default the CPU). `progress` gets 1 per training step (3 × recipe.steps in all)."""
     recipe = recipe or SegmentationRecipe()
     _check_num_classes(num_classes)
     start = time.perf_counter()
@@ -333,12 +353,12 @@ def task_evaluation(
     n_real, n_synth = len(real_train[0]), len(synth[0])
     notes = []
     if n_synth < n_real:
-        chosen = np.arange(n_synth)
         notes.append(f"only {n_synth} synthetic pairs for {n_real} real: the synthetic arms use all of them")
-    else:  # a seeded subset, in the stored order
-        chosen = np.sort(np.random.default_rng([recipe.seed, n_synth]).choice(n_synth, n_real, replace=False))
-    chosen = torch.from_numpy(chosen)
-    synth = synth[0][chosen], synth[1][chosen]
+    chosen = synthetic_subset(n_synth, n_real, recipe.seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    real_train, real_val = (tuple(t.to(device) for t in pair) for pair in (real_train, real_val))
+    chosen = torch.from_numpy(chosen).to(device)
+    synth = synth[0].to(device)[chosen], synth[1].to(device)[chosen]
     data = {
         "real": real_train,
         "synthetic": synth,
@@ -348,7 +368,7 @@ def task_evaluation(
     for arm in ARMS:
         arm_start = time.perf_counter()
         model = train_segmenter(*data[arm], num_classes, recipe, group, progress, device)
-        counts = _split_counts(model, *real_val, num_classes, group, recipe.batch_size * 4)
+        counts = dice_counts_over_ranks(model, *real_val, num_classes, group, recipe.batch_size * 4)
         dice = dice_from_counts(counts)
         arms[arm] = {
             "dice": _json_floats(dice),

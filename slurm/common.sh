@@ -13,6 +13,7 @@
 #   HPCGAN_CONTAINER_ARGS options for `apptainer exec` (default: --nv, i.e. the host's GPU driver)
 #   HPCGAN_LOGS       directory for the per-rank logs (default: logs, relative to the submit dir)
 #   HPCGAN_NODES      nodes a multi-rank job must have (default: 1; pipeline.sh asks sbatch for them)
+#   HPCGAN_GROUP_READABLE 1: outputs and logs readable by the group (0750/0640); default private (0700/0600)
 #
 # Relative paths in any HPCGAN_* variable are relative to the directory you submit from.
 
@@ -39,6 +40,9 @@ if [ -n "${HPCGAN_MODULES:-}" ]; then
   # shellcheck disable=SC2086  # a list of module names
   module load $HPCGAN_MODULES
 fi
+# Patient-derived outputs are private by default (hpcgan sets the same umask itself); this covers what
+# the scripts and Slurm write: the log directory, the per-rank logs and the bound directories.
+if [ "${HPCGAN_GROUP_READABLE:-0}" = 1 ]; then umask 027; else umask 077; fi
 HPCGAN_VENV=$(hpcgan_abs "${HPCGAN_VENV:-$HPCGAN_ROOT/.venv}")
 HPCGAN_LOGS=$(hpcgan_abs "${HPCGAN_LOGS:-logs}")
 mkdir -p "$HPCGAN_LOGS"

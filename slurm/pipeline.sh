@@ -3,6 +3,9 @@
 # starting only if the one before succeeded (--dependency=afterok); if one fails, the ones after
 # it are cancelled (--kill-on-invalid-dep=yes). With --sweep GRID the training is a job array over
 # the grid (slurm/sweep.sbatch: each element trains, samples and evaluates) and a summary follows.
+# sample and evaluate use the run's selected checkpoint (checkpoints/best, honouring the memorisation
+# guard; HPCGAN_CHECKPOINT=$HPCGAN_RUN/checkpoints/latest for the newest); evaluate gets a GPU like sample
+# (the segmentation task trains U-Nets) and scores HPCGAN_EVAL_SPLIT (val, or test for the final figures).
 #
 #   slurm/pipeline.sh                                  # on the login node
 #   HPCGAN_INPUT=data/brats HPCGAN_CONFIG=cepa2023 HPCGAN_GPUS_PER_NODE=4 slurm/pipeline.sh
@@ -17,7 +20,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-preprocess) preprocess=0 ;;
     --sweep) [ $# -ge 2 ] || usage; grid=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) usage ;;
   esac
   shift
@@ -96,4 +99,4 @@ if [ -n "$grid" ]; then
 fi
 submit train "${gpu[@]}" "$HPCGAN_ROOT/slurm/train.sbatch" ${HPCGAN_TRAIN_ARGS:-}
 submit sample "${one_gpu[@]}" "$HPCGAN_ROOT/slurm/sample.sbatch" ${HPCGAN_SAMPLE_ARGS:-}
-submit evaluate "$HPCGAN_ROOT/slurm/evaluate.sbatch" ${HPCGAN_EVALUATE_ARGS:-}
+submit evaluate "${one_gpu[@]}" "$HPCGAN_ROOT/slurm/evaluate.sbatch" ${HPCGAN_EVALUATE_ARGS:-}

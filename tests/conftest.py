@@ -7,6 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,34 @@ def run_python_mpi(np, script, *args, timeout=300, env=None, check=False):
     return run_cmd(
         mpirun_cmd(np) + [sys.executable, str(script), *map(str, args)], timeout=timeout, env=mpi_env(env), check=check
     )
+
+
+def run_until_marker(cmd, marker, timeout=120):
+    """(exit code, output lines, seconds from the first output line containing `marker` to the end of the
+    job) of an mpirun command that is expected to end by itself; the test fails if it does not."""
+    proc = subprocess.Popen(
+        cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines, marked_at = [], []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if marker in line and not marked_at:
+                marked_at.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(proc.pid)  # every rank, a stopped one too
+        proc.wait()
+        pytest.fail("the job did not end:\n" + "\n".join(lines[-40:]))
+    ended = time.monotonic()
+    reader.join(timeout=10)
+    assert marked_at, f"no line with {marker!r}:\n" + "\n".join(lines[-40:])
+    return proc.returncode, lines, ended - marked_at[0]
 
 
 @pytest.fixture
@@ -179,6 +209,21 @@ class TinyExtractor(torch.nn.Module):
 
 
 @pytest.fixture(scope="session")
+def three_split_dataset(sample_data, tmp_path_factory) -> Path:
+    """Three subjects at 64x64 (32 slices each), one per split: train, val and a test split
+    (`preprocess --test-fraction`). mni152-copy is the MNI152 brain again under another name."""
+    root = tmp_path_factory.mktemp("three-splits")
+    for name, brain in {"colin27": "colin27", "mni152": "mni152", "mni152-copy": "mni152"}.items():
+        (root / "raw" / name).mkdir(parents=True)
+        shutil.copy(sample_data / brain / f"{brain}_t1.nii.gz", root / "raw" / name / f"{name}_t1.nii.gz")
+    out = root / "dataset"
+    options = "--modalities t1 --slices 72:104 --min-brain-fraction 0 --size 64 --shards 1".split()
+    fractions = ["--val-fraction", "0.34", "--test-fraction", "0.34"]
+    run_hpcgan("preprocess", "--input", root / "raw", "--output", out, *options, *fractions, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def fid_weights(tmp_path_factory) -> Path:
     """TinyExtractor saved as TorchScript, the file `--fid-weights` takes."""
     import warnings
@@ -202,15 +247,17 @@ def one_torch_thread():
 
 @pytest.fixture
 def cli_in_process():
-    """hpcgan.cli.main, run in this process: it sets up the hpcgan logger on the captured stderr, which
-    is put back afterwards."""
+    """hpcgan.cli.main, run in this process: it sets up the hpcgan logger on the captured stderr and the
+    umask of private outputs (hpcgan.io.set_output_permissions), both put back afterwards."""
     import logging
 
     from hpcgan.cli import main
 
     logger = logging.getLogger("hpcgan")
     saved = (logger.handlers[:], logger.level, logger.propagate)
+    umask = os.umask(0o077)
     yield main
+    os.umask(umask)
     logger.handlers[:], logger.level, logger.propagate = saved
 
 

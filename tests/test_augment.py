@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import requires_mpirun, run_hpcgan_mpi
-from hpcgan.augment import ADA_OPS, AdaptiveAugment, ada_adjust, ada_augment, diff_augment
+from hpcgan.augment import ADA_OPS, AdaptiveAugment, ada_adjust, ada_augment, diff_augment, nondeterministic_ops
 from hpcgan.config import build
 from hpcgan.errors import UsageError
+from hpcgan.training.checks import check_deterministic, load_train_config
 from hpcgan.training.config import TrainConfig
 from test_resume import differences, metrics_lines
 from test_train import load_ckpt, train_args
@@ -80,14 +81,54 @@ def test_flip_is_left_right_only_and_p_zero_is_the_identity():
     assert ada_augment(x, 0.0, ADA_OPS) is x and torch.equal(state, torch.get_rng_state())
 
 
+def brain_like(n=32, side=64):
+    """MRI-like slices: background -1 (as in preprocessed images), a bright square in the middle."""
+    x = torch.full((n, 1, side, side), -1.0)
+    x[:, :, 24:40, 24:40] = 1.0
+    return x
+
+
 def test_rotate_and_scale_are_small():
     """Small, MRI-sized changes: most of the image survives (with p=1 every image is resampled)."""
     torch.manual_seed(5)
-    x = torch.zeros(32, 1, 64, 64)
-    x[:, :, 24:40, 24:40] = 1.0  # a bright square in the middle of the background
+    x = brain_like()
     y = ada_augment(x, 1.0, ("rotate", "scale"))
-    overlap = (y * x).sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
-    assert overlap.min() > 0.6 and (y[:, :, :4, :4] == 0).all()  # the border stays background
+    inside = (x > 0).float()
+    overlap = ((y > 0).float() * inside).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3))
+    assert overlap.min() > 0.6
+
+
+@pytest.mark.parametrize("ops", [("translation",), ("rotate",), ("scale",), ("rotate", "scale")])
+def test_geometric_ops_fill_the_border_with_background_not_zeros(ops):
+    """Reflection padding: what comes in at the edges is the -1 background, nowhere the 0 (mid-grey) of
+    zero padding, which rotating, zooming out or shifting would draw as a frame."""
+    torch.manual_seed(6)
+    x = brain_like()
+    y = ada_augment(x, 1.0, ops)
+    ring = torch.ones(64, 64, dtype=torch.bool)
+    ring[8:-8, 8:-8] = False  # 8 pixels at each edge: the largest shift, outside the square however it moves
+    assert not torch.equal(y, x)
+    torch.testing.assert_close(y[:, :, ring], torch.full_like(y[:, :, ring], -1.0), atol=1e-5, rtol=0)
+
+
+def test_deterministic_mode_refuses_grid_sample_ops_on_cuda_only(cli_in_process, sample_dataset, tmp_path, capsys):
+    """torch.use_deterministic_algorithms raises in grid_sample's CUDA backward (rotate, scale): the rule
+    as a function of (device type, deterministic, ops), refused at start-up with one line (exit 2)."""
+    assert nondeterministic_ops(ADA_OPS, "cuda", True) == ("scale", "rotate")
+    assert nondeterministic_ops(ADA_OPS, "cpu", True) == () and nondeterministic_ops(ADA_OPS, "cuda", False) == ()
+    assert nondeterministic_ops(("flip", "translation", "color", "cutout"), "cuda", True) == ()
+    on = ["train.ada_target=0.6", "train.deterministic=true"]
+    check_deterministic(load_train_config("dcgan-64", on), "cpu", "dcgan-64")  # CPU: deterministic as it is
+    check_deterministic(load_train_config("dcgan-64", on[:1]), "cuda", "dcgan-64")
+    check_deterministic(load_train_config("dcgan-64", [*on, "train.ada_policy=flip,color"]), "cuda", "dcgan-64")
+    with pytest.raises(UsageError, match=r"train\.ada_policy ops scale,rotate"):
+        check_deterministic(load_train_config("dcgan-64", [*on, "train.ada_policy=rotate,scale"]), "cuda", "c")
+    # The command refuses before anything starts (no GPU needed: the check comes before the device).
+    args = train_args(sample_dataset, tmp_path / "run", 2, *on, config="dcgan-64")
+    assert cli_in_process(cli_args(*args, "--device", "cuda")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "train.deterministic=true on CUDA cannot run train.ada_policy ops" in lines[0], lines
+    assert not (tmp_path / "run").exists()
 
 
 # --- the update rule -------------------------------------------------------------------------------------

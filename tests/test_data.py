@@ -1,16 +1,19 @@
-"""hpcgan.data: the sampler's rank parts and resume, and the Dataset against plain h5py on a
-real preprocessed dataset (the sample_dataset fixture)."""
+"""hpcgan.data: the sampler's rank parts and resume, the Dataset against plain h5py on a
+real preprocessed dataset (the sample_dataset fixture), and a loader worker's failure as one line."""
 
 import pickle
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_hpcgan
+
 from hpcgan.data import RankSampler, SliceDataset, decode, make_loader, read_slices
 from hpcgan.preprocess.manifest import load_manifest
-from hpcgan.errors import UsageError
+from hpcgan.errors import HpcganError, UsageError
 from hpcgan.preprocess import transforms as T
 
 
@@ -132,3 +135,41 @@ def test_load_manifest_refuses_what_is_not_a_dataset(tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(UsageError, match="no such dataset"):
         load_manifest(tmp_path / "missing")
+
+
+def _cut_short(path):
+    """A shard cut short (a full disk, a copy killed): h5py cannot open it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_worker_failure_is_one_line_naming_the_shard(sample_dataset, tmp_path):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(sample_dataset, dataset)
+    (shard,) = load_manifest(dataset)["splits"]["train"]["shards"]
+    _cut_short(dataset / shard)
+    loader, sampler = make_loader(dataset, "train", batch_size=8, rank=0, world_size=1, seed=0, num_workers=1)
+    sampler.set_epoch(0)
+    with pytest.raises(HpcganError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{dataset / shard}: image ") and "unreadable" in message
+    assert "DataLoader worker process" in str(caught.value.__cause__)  # torch's whole text, for --debug
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_train_ends_with_one_line_when_a_worker_cannot_read_a_shard(sample_dataset, tmp_path, debug):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(sample_dataset, dataset)
+    (shard,) = load_manifest(dataset)["splits"]["train"]["shards"]
+    _cut_short(dataset / shard)  # after `hpcgan train`'s start checks, which read the manifest only
+    overrides = ["train.steps=2", "train.batch_size=4", "train.num_workers=1", "eval.every_steps=0"]
+    overrides += ["model.g_base_width=8", "model.d_base_width=8", "model.max_width=32", "log.tensorboard=false"]
+    args = ["train", "--config", "wgan-gp-64", "--data", dataset, "--out", tmp_path / "run"]
+    result = run_hpcgan(*args, *(x for o in overrides for x in ("--set", o)), *(["--debug"] if debug else []))
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"hpcgan train: error: {errors[0].split('error: ', 1)[1]}"], result.stderr[-3000:]
+    assert f"{dataset / shard}: image " in errors[0] and "unreadable" in errors[0]
+    # The worker's traceback only with --debug.
+    assert ("Original Traceback" in result.stderr) == debug and ("Traceback" in result.stderr) == debug

@@ -23,6 +23,8 @@ from hpcgan.parallel.group import ONE_PROCESS, Group, world_group
 from hpcgan.segmentation import (
     SegmentationRecipe,
     UNet,
+    dice_counts,
+    dice_counts_over_ranks,
     dice_per_class,
     mean_foreground_dice,
     predict,
@@ -199,7 +201,7 @@ def test_fewer_synthetic_pairs_than_real_are_all_used_and_noted(pairs):
 def test_two_ranks_give_the_dice_of_one_process(sample_dataset, pairs, one_process_result, tmp_path):
     run_python_mpi(2, __file__, sample_dataset, tmp_path, timeout=300, check=True)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # every rank returns the same dict
+    assert ranks[0]["result"] == ranks[1]["result"]  # every rank returns the same dict
     two, one = ranks[0]["result"], one_process_result
     assert two["ranks"] == 2 and one["ranks"] == 1
     # The arithmetic: after a few steps both ranks hold the same network, that of one process up to
@@ -209,6 +211,12 @@ def test_two_ranks_give_the_dice_of_one_process(sample_dataset, pairs, one_proce
     for name, value in alone.items():
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], value, atol=1e-5, rtol=0, msg=name)
+    # The scoring, as each rank computed it (no broadcast in between): each predicted half of the
+    # validation slices, and both hold the counts of the whole set, those of one process with that network.
+    net = UNet(1, K, SHORT.widths)
+    net.load_state_dict(rank0)
+    whole = dice_counts(predict(net, pairs["val"][0]), pairs["val"][1], K).tolist()
+    assert ranks[0]["short_counts"] == whole and ranks[1]["short_counts"] == whole
     # The whole budget: Adam amplifies the rounding over 40 steps (measured here: about 1e-3 of Dice on
     # the real arms, 1e-2 on the noise arm, whose random labels leave most pixels near a tie).
     for arm, atol in (("real", 3e-3), ("real+synthetic", 3e-3), ("synthetic", 3e-2)):
@@ -225,9 +233,13 @@ def mpi_main(dataset, out):
         for dtype in (np.float64, np.float32)
     }
     p = load_pairs(dataset)
-    torch.save(train_segmenter(*p["train"], K, SHORT, group=group).state_dict(), Path(out) / f"short-{group.rank}.pt")
+    short = train_segmenter(*p["train"], K, SHORT, group=group)
+    torch.save(short.state_dict(), Path(out) / f"short-{group.rank}.pt")
+    val = tuple(torch.from_numpy(a) for a in p["val"])
+    counts = dice_counts_over_ranks(short, *val, K, group, batch_size=64).tolist()
     result = task_evaluation(p["train"], p["noise"], p["val"], K, RECIPE, group=group)
-    (Path(out) / f"rank-{group.rank}.json").write_text(json.dumps({"result": result, "allreduce": summed}))
+    mine = {"result": result, "allreduce": summed, "short_counts": counts}
+    (Path(out) / f"rank-{group.rank}.json").write_text(json.dumps(mine))
 
 
 # ---------------------------------------------------------------- mask plausibility

@@ -1,8 +1,9 @@
 """Score generated images against a preprocessed dataset, each metric beside its real-versus-real
-baseline (validation against training images), without downloading anything.
+baseline (held-out against training images), without downloading anything.
 
   hpcgan evaluate --data DATASET --samples SAMPLES_DIR --out RUN_DIR/evaluation.json
   hpcgan evaluate --data DATASET --checkpoint RUN_DIR --num-images 1000 --metrics swd,memorization
+  hpcgan evaluate --data DATASET --checkpoint RUN_DIR --split test --out RUN_DIR/evaluation.json   (final figures)
   mpirun -np 4 hpcgan evaluate --data DATASET --samples SAMPLES_DIR     (same numbers, split across ranks)
 
 Metrics (lower is better for all):
@@ -18,28 +19,36 @@ their masks beside the dataset's (`masks`: class frequencies, connected componen
 against the real-vs-real baseline). --task segmentation then asks whether the synthetic pairs are useful:
 a compact U-Net (hpcgan.segmentation, a fixed recipe; --budget steps) is trained on the real training
 pairs, on as many synthetic pairs, and on both, and scored by Dice on the real validation pairs, the
-real-only U-Net being the baseline (`segmentation`: higher is better).
+real-only U-Net being the baseline (`segmentation`: higher is better); the U-Nets train on --device.
 
---samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint (a checkpoint file, checkpoints/
-directory or run directory) generates the first --num-images of the run's image set, the images its
-evaluation during training scored (hpcgan.generation). The JSON holds no input paths."""
+The held-out real set (--split): the baselines, the memorisation threshold and the task's Dice are scored on
+it. `val` (default) is the split training evaluated on and the memorisation guard selected checkpoints/best
+by: figures there are selection figures, optimistic by construction. `test` (a dataset preprocessed with
+--test-fraction) is never read by training, its evaluation or the guard: its figures are the final ones.
+evaluation.json records the split.
+
+--samples reads every stack-*.h5 written by `hpcgan sample`; --checkpoint (a checkpoint file, or a run
+directory: its selected checkpoint, checkpoints/best, which honours the memorisation guard; one log line says
+which step and why; RUN/checkpoints/latest for the newest) generates the first --num-images of the run's image
+set, the images its evaluation during training scored (hpcgan.generation). The JSON holds no input paths."""
 
 import os
 
 from hpcgan.data import read_slices
 from hpcgan.errors import UsageError
-from hpcgan.generation import generate_images, load_generator, run_seed
-from hpcgan.io import check_writable_dir, sha256_file, write_json_atomic
+from hpcgan.generation import checkpoint_images
+from hpcgan.io import check_writable_dir, write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.metrics import evaluate, format_table, parse_metrics
 from hpcgan.metrics.masks import compute_mask_plausibility
-from hpcgan.models.layers import split_joint
+from hpcgan.parallel import launch_env
+from hpcgan.parallel.backend import pick_device
 from hpcgan.parallel.group import world_group
 from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.progress import progress_bar
 from hpcgan.segmentation import SegmentationRecipe, task_evaluation
 from hpcgan.stacks import read_samples
-from hpcgan.training.checkpointing import load_checkpoint, resolve_checkpoint
+from hpcgan.training.checkpointing import select_checkpoint
 
 log = get_logger("evaluate")
 
@@ -50,7 +59,12 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", metavar="SAMPLES_DIR", help="a directory written by `hpcgan sample`")
-    source.add_argument("--checkpoint", metavar="CKPT", help="checkpoint file, checkpoints/ directory or run directory")
+    source.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="checkpoint file, or a run directory: its selected checkpoint (checkpoints/best, honouring the "
+        "memorisation guard); RUN/checkpoints/latest for the newest",
+    )
     parser.add_argument(
         "--num-images",
         type=int,
@@ -79,7 +93,22 @@ def add_arguments(parser):
         type=int,
         default=1000,
         metavar="N",
-        help="at most N training and N validation slices, a fixed random subset (default 1000)",
+        help="at most N training and N held-out (--split) slices, a fixed random subset (default 1000)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="held-out real slices the baselines, memorisation threshold and Dice are scored on: val (what training "
+        "selected checkpoints by) or test (untouched by training; a dataset preprocessed with --test-fraction; the "
+        "final figures) (default val)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device of the segmentation task's U-Nets: auto is the training rule, cuda:<local rank> where torch "
+        "has CUDA or Slurm gave GPUs, else cpu (default auto)",
     )
     parser.add_argument(
         "--worst-dir",
@@ -92,7 +121,7 @@ def add_arguments(parser):
         choices=("segmentation",),
         default=None,
         help="also train a U-Net on real, synthetic and real+synthetic image+mask pairs and report Dice on the "
-        "real validation pairs (needs a joint image + mask model and a dataset with masks)",
+        "real held-out (--split) pairs (needs a joint image + mask model and a dataset with masks)",
     )
     parser.add_argument(
         "--budget",
@@ -109,20 +138,26 @@ def generated_images(args, group, image_channels: int):
     images its evaluation during training scored. Masks come from a joint image + mask model."""
     if args.samples:
         return read_samples(args.samples, args.num_images, with_masks=True)
-    path = resolve_checkpoint(args.checkpoint)
-    return group.on_root(_generate, path, args.num_images or 1000, image_channels)
+    path, reason = select_checkpoint(args.checkpoint)
+    images, masks, provenance = group.on_root(checkpoint_images, path, args.num_images or 1000, image_channels)
+    if group.is_root:  # once the checkpoint has loaded: an error stays the only line
+        log.info("%s: %s", path, reason)
+    return images, masks, {**provenance, "checkpoint_selection": reason}
 
 
-def _generate(path, num_images: int, image_channels: int):
-    checkpoint = load_checkpoint(path)
-    G = load_generator(checkpoint, source=str(path))
-    images, masks = split_joint(generate_images(G, range(num_images), run_seed(checkpoint)).numpy(), image_channels)
-    return images, masks, {"source": "checkpoint", "checkpoint_sha256": sha256_file(path)}
+def check_split(dataset_dir, manifest: dict, split: str):
+    """--split test needs a dataset preprocessed with --test-fraction: a UsageError otherwise."""
+    if split == "test" and not (manifest["splits"].get("test") or {}).get("slices"):
+        raise UsageError(
+            f"--split test: {dataset_dir} has no test split (preprocess it with --test-fraction, a split by subject "
+            "that training never reads)"
+        )
 
 
-def real_images(dataset_dir, manifest: dict, max_real, seed):
-    """(train, val or None, train masks, val masks): fixed random subsets of at most max_real slices of each
-    split, with their masks (N, H, W) when the dataset has them (else None)."""
+def real_images(dataset_dir, manifest: dict, max_real, seed, split: str = "val"):
+    """(train, held-out or None, train masks, held-out masks): fixed random subsets of at most max_real slices
+    of the train split and of the held-out `split` (val or test), with their masks (N, H, W) when the dataset
+    has them (else None)."""
 
     def read(split):
         if manifest.get("has_masks"):
@@ -133,8 +168,8 @@ def real_images(dataset_dir, manifest: dict, max_real, seed):
     if len(train) < 2:
         raise UsageError(f"{dataset_dir}: the train split has {len(train)} slices; evaluation needs at least 2")
     val, val_masks = None, None
-    if "val" in manifest["splits"] and manifest["splits"]["val"].get("slices", 1) > 0:
-        val, val_masks = read("val")
+    if split in manifest["splits"] and manifest["splits"][split].get("slices", 1) > 0:
+        val, val_masks = read(split)
     if val is not None and not len(val):
         val, val_masks = None, None
     return train, val, train_masks, val_masks
@@ -170,12 +205,15 @@ def check_args(args):
     return metrics
 
 
-def segmentation_task(fake, train, val, manifest: dict, args, group) -> dict:
+def segmentation_task(fake, train, val, manifest: dict, args, group, device) -> dict:
     """Train on synthetic, test on real (hpcgan.segmentation): the evaluation table's `segmentation` row,
-    mean foreground Dice of the U-Net trained on synthetic pairs against the real-only U-Net's."""
+    mean foreground Dice of the U-Net trained on synthetic pairs against the real-only U-Net's, on the held-out
+    --split, the U-Nets on `device`."""
     recipe = SegmentationRecipe(seed=args.seed, **({"steps": args.budget} if args.budget else {}))
     with progress_bar(3 * recipe.steps, "segmentation task", "steps", enabled=group.is_root) as bar:
-        result = task_evaluation(train, fake, val, manifest["mask_classes"], recipe, group=group, progress=bar)
+        result = task_evaluation(
+            train, fake, val, manifest["mask_classes"], recipe, group=group, progress=bar, device=device
+        )
     result["class_names"] = manifest.get("class_names")
     result["baseline"] = result["arms"]["real"]["mean_dice"]  # the real-only U-Net
     result["higher_is_better"] = True
@@ -188,11 +226,14 @@ def run(args):
     out_dir = check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     worst_dir = args.worst_dir or os.path.join(out_dir, "worst-pairs")
     manifest = load_manifest(args.data)
+    check_split(args.data, manifest, args.split)
+    # --device: the training rule (one device per local rank); refused here, before any heavy work, when wrong.
+    device = pick_device(launch_env().local_rank, args.device) if args.task else None
     if args.task and not manifest.get("has_masks"):
         raise UsageError(f"--task {args.task}: {args.data} has no masks (preprocess it with --mask)")
-    real = real_images(args.data, manifest, args.max_real, args.seed)
+    real = real_images(args.data, manifest, args.max_real, args.seed, args.split)
     if args.task and real[3] is None:
-        raise UsageError(f"--task {args.task}: {args.data} has no validation split to test the U-Nets on")
+        raise UsageError(f"--task {args.task}: {args.data} has no {args.split} split to test the U-Nets on")
     group = world_group()
     fake, fake_masks, provenance = generated_images(args, group, manifest["image_shape"][0])
     source = args.samples or args.checkpoint
@@ -202,7 +243,7 @@ def run(args):
         raise UsageError(f"--task {args.task}: {source} has no masks (sample a joint model: model.mask_classes)")
     if fake_masks is not None:
         check_masks(fake_masks, manifest, source)
-    results = score(args, metrics, (fake, fake_masks), real, manifest, group, worst_dir)
+    results = score(args, metrics, (fake, fake_masks), real, manifest, group, worst_dir, device)
     if group.is_root:
         train, val = real[0], real[1]
         report = {
@@ -210,7 +251,8 @@ def run(args):
             "format_version": 1,
             "metrics": results,
             "generated": {**provenance, "count": len(fake)},
-            "real": {"train": len(train), "val": 0 if val is None else len(val)},
+            "split": args.split,  # the held-out real set: val (selection) or test (final)
+            "real": {"train": len(train), args.split: 0 if val is None else len(val)},
             "image_shape": list(train.shape[1:]),
             "seed": args.seed,
             "world_size": group.world_size,
@@ -223,14 +265,15 @@ def run(args):
     return 0
 
 
-def score(args, metrics, generated, real, manifest: dict, group, worst_dir) -> dict:
+def score(args, metrics, generated, real, manifest: dict, group, worst_dir, device=None) -> dict:
     """Every metric of `metrics` (one progress step each), the masks of a joint model, and --task."""
     (fake, fake_masks), (train, val, train_masks, val_masks) = generated, real
     log.info(
-        "evaluating %d generated images against %d train and %d val slices on %d rank(s)",
+        "evaluating %d generated images against %d train and %d %s slices on %d rank(s)",
         len(fake),
         len(train),
         0 if val is None else len(val),
+        args.split,
         group.world_size,
     )
     results = {}
@@ -255,6 +298,6 @@ def score(args, metrics, generated, real, manifest: dict, group, worst_dir) -> d
         )
     if args.task == "segmentation":
         results["segmentation"] = segmentation_task(
-            (fake, fake_masks), (train, train_masks), (val, val_masks), manifest, args, group
+            (fake, fake_masks), (train, train_masks), (val, val_masks), manifest, args, group, device
         )
     return results

@@ -3,7 +3,8 @@
 Input files are named <subject>_<modality>.nii[.gz], one folder per subject (BraTS layout) or
 all in one folder, or chosen by a glob (quote it). Each volume is reoriented to RAS, its axial
 slices are selected, normalised to [-1, 1] (background -1), padded to a square field of view in
-millimetres and resized with anti-aliasing. Subjects are split into train/val by subject.
+millimetres and resized with anti-aliasing. Subjects are split by subject into train/val, and with
+--test-fraction a test split that training and its evaluation never read (hpcgan evaluate --split test).
 
 Runs as one process or under `mpirun -np N` / `srun`: shards are divided among ranks and the
 output is the same whatever N. Re-running the same command resumes (finished shards whose
@@ -61,12 +62,13 @@ def run(args):
 
 
 def log_plan(cfg, plan: dict, world_size: int):
-    train = [s for s in plan["shards"] if s["split"] == "train"]
+    per_split = {split: 0 for split in ("train", "val", "test")}
+    for shard in plan["shards"]:
+        per_split[shard["split"]] += len(shard["subjects"])
     log.info(
-        "%d subjects (%d train, %d val) in %d shards on %d rank(s); field of view %.1f mm -> %.3f mm pixels",
+        "%d subjects (%s) in %d shards on %d rank(s); field of view %.1f mm -> %.3f mm pixels",
         len(plan["subjects"]),
-        sum(len(s["subjects"]) for s in train),
-        sum(len(s["subjects"]) for s in plan["shards"]) - sum(len(s["subjects"]) for s in train),
+        ", ".join(f"{n} {split}" for split, n in per_split.items() if split != "test" or cfg.test_fraction > 0),
         len(plan["shards"]),
         world_size,
         plan["fov_mm"],
@@ -141,10 +143,9 @@ def write_manifest(cfg, plan: dict, records: list, kept: list, start: float):
     write_json_atomic(os.path.join(cfg.output, MANIFEST), manifest)
     splits = manifest["splits"]
     log.info(
-        "wrote %d slices (%d train, %d val) of %d subjects in %.1f s; %d skipped; manifest.json last",
-        splits["train"]["slices"] + splits["val"]["slices"],
-        splits["train"]["slices"],
-        splits["val"]["slices"],
+        "wrote %d slices (%s) of %d subjects in %.1f s; %d skipped; manifest.json last",
+        sum(info["slices"] for info in splits.values()),
+        ", ".join(f"{info['slices']} {split}" for split, info in splits.items()),
         len(manifest["subjects"]),
         time.perf_counter() - start,
         len(manifest["skipped"]),

@@ -1,6 +1,8 @@
 """Write a self-contained HTML report of a training run: loss curves, metric curves, sample grids
-over time, the selected (best) checkpoint with its memorisation guard, the last stack's contact sheet,
-the memorisation audit with its worst pairs, the config and the environment.
+over time, the selected (best) checkpoint with its memorisation guard, the last stack's contact sheet and the
+checkpoint it came from (a warning when that is not the selected one), the evaluation with the split it was
+scored on (test-split figures are the final ones), the memorisation audit with its worst pairs, the config and
+the environment. One log line names the run's selected checkpoint and why (select_checkpoint).
 
   hpcgan report RUN_DIR                                   # → RUN_DIR/report.html
   hpcgan report RUN_DIR --samples SAMPLES_DIR --evaluation SAMPLES_DIR/evaluation.json
@@ -17,6 +19,7 @@ from hpcgan.errors import UsageError
 from hpcgan.io import check_writable_dir, write_bytes_atomic
 from hpcgan.log import get_logger
 from hpcgan.report.sections import report_page
+from hpcgan.training.checkpointing import CHECKPOINTS_DIR, select_checkpoint
 
 log = get_logger("report")
 
@@ -47,8 +50,22 @@ def check_inputs(args):
         raise UsageError(f"--turing-test {args.turing_test}: no such file")
 
 
+def log_selection(run_dir):
+    """One line: the checkpoint the run selected (what sample/evaluate --checkpoint RUN_DIR use) and why, or why
+    there is none; nothing for a run without checkpoints."""
+    if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS_DIR)):
+        return
+    try:
+        path, reason = select_checkpoint(run_dir)
+    except UsageError as exc:
+        log.warning("%s", exc)
+        return
+    log.info("%s: %s", path, reason)
+
+
 def run(args):
     check_inputs(args)
+    log_selection(args.run_dir)
     run_dir = args.run_dir
     out = args.out or os.path.join(run_dir, "report.html")
     out_dir = check_writable_dir(os.path.dirname(os.path.abspath(out)))

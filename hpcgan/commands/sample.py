@@ -13,13 +13,16 @@ Per stack k, in --out:
   stack-0000k-mask.nii.gz  (joint models) the masks as a uint8 label volume with the image volume's
                       geometry: open it as a label map over stack-0000k.nii.gz in 3D Slicer or ITK-SNAP
   stack-0000k.png     a 10x10 contact sheet (joint models: each mask class outlined in colour)
-and index.json (checkpoint sha256, step, seed, sizes, formats, files, config), written last by rank 0.
+and index.json (checkpoint sha256, step, why that checkpoint, seed, sizes, formats, files, config), written last
+by rank 0.
 
 Stack k holds images k*N to (k+1)*N-1 of the image set of --seed (hpcgan.generation: image i's latent
 is seeded by (seed, i)); the default seed is the run's train.seed, so the first images are the very
 images its evaluation during training scored. The same seed gives the same images whatever the number of
 ranks; `mpirun -np N hpcgan sample ...` deals the stacks out round-robin. --checkpoint takes a checkpoint
-file, a checkpoints/ directory or a run directory (newest valid checkpoint).
+file, a `latest`/`best` pointer, or a run directory (or its checkpoints/): the checkpoint the run selected,
+checkpoints/best, which honours the memorisation guard (hpcgan.training.checkpointing.select_checkpoint; one
+log line says which step and why). RUN/checkpoints/latest samples the newest instead.
 
 Example:
   hpcgan sample --checkpoint runs/cepa2023 --out samples/cepa2023 --num-stacks 10 --seed 1"""
@@ -38,7 +41,7 @@ from hpcgan.parallel import launch_env
 from hpcgan.parallel.group import world_group
 from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_mask_nifti, write_png, write_stack_h5, write_stack_nifti
-from hpcgan.training.checkpointing import load_checkpoint, resolve_checkpoint
+from hpcgan.training.checkpointing import load_checkpoint, select_checkpoint
 
 FORMATS = ("h5", "nifti", "png")
 SHEET_COLUMNS = 10
@@ -51,7 +54,8 @@ def add_arguments(parser):
         "--checkpoint",
         required=True,
         metavar="CKPT",
-        help="checkpoint file, checkpoints/ directory or run directory (newest valid checkpoint)",
+        help="checkpoint file, or a run directory: its selected checkpoint (checkpoints/best, honouring the "
+        "memorisation guard); RUN/checkpoints/latest for the newest",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")
@@ -169,7 +173,7 @@ def run(args):
             raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     formats = parse_formats(args.format)
     labels = parse_labels(args.labels)
-    path = resolve_checkpoint(args.checkpoint)
+    path, reason = select_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
     device = resolve_device(args.device, env.local_rank)
     G = load_generator(ckpt, args.ema, device, source=str(path))
@@ -180,6 +184,8 @@ def run(args):
         check_nifti_geometry(dataset, path)
     out = check_writable_dir(args.out)
     sha = sha256_file(path)
+    if env.rank == 0:  # once every input is known to be good: an error stays the only line
+        log.info("%s: %s", path, reason)
     group = world_group()  # after the checks, before the first stack: a world MPI does not see fails at once
 
     config = ckpt.get("config") or {}
@@ -214,6 +220,7 @@ def run(args):
             "labels": labels or [],
             "class_names": dataset.get("class_names") if G.cfg.mask_classes else None,
             "files": sorted(f for rank_files in every_rank for f in rank_files),
+            "checkpoint_selection": reason,
             "config": config,
         }
         write_json_atomic(f"{out}/index.json", index)

@@ -1,15 +1,22 @@
 """Rank finished runs of a sweep by an evaluation metric: a table, and a CSV with --csv.
 
   hpcgan sweep-summary runs/sweep/* --metric swd --csv runs/sweep/summary.csv
+  hpcgan sweep-summary runs/sweep/* --metric segmentation      # Dice of evaluate --task segmentation
 
-A run's value is the last evaluation of the metric in RUN_DIR/metrics.jsonl (written during
-training), else the one in RUN_DIR/evaluation.json (`hpcgan evaluate --out`); a run trained with the
-memorisation guard (checkpoint.max_memorization) gives its selected checkpoint's (checkpoints/best), or no
-result when no checkpoint passed the guard. A "memorization" column shows the memorisation of the same
-evaluation when some run measured it, and a "guard" column the guard when some run had it. Best first (lower is
-better for every metric but those marked otherwise); runs without a value come last as
-"no result". The columns after the value are the config keys whose values differ between the
-runs (from each RUN_DIR/config.yaml): the swept hyper-parameters."""
+A run's value, the first of:
+  1. RUN_DIR/evaluation.json (`hpcgan evaluate --out`) when it holds the metric and scored the checkpoint the run
+     selected (its generated checkpoint_sha256 is checkpoints/best's; for a run that selected none because it did
+     not evaluate during training, any evaluation.json): the final score, with the split it was scored on;
+  2. the run's evaluation during training at its selected checkpoint (checkpoints/best, from the index): a run
+     whose evaluations no checkpoint passed the memorisation guard (checkpoint.max_memorization) has no result;
+  3. for a run that did not evaluate during training, the last evaluation of the metric in metrics.jsonl.
+So any metric evaluation.json holds ranks, the segmentation task's Dice included, for guarded runs too. A
+"memorization" column shows the memorisation of the same evaluation when some run measured it, a "guard"
+column the guard's verdict when some run had one (passed at step N, none passed, off), and a "split" column
+the held-out split of each evaluation.json result (val or test; training-time evaluations use val). Best first
+(lower is better for every metric but those marked otherwise); runs without a value come last as "no result".
+The columns after those are the config keys whose values differ between the runs (from each RUN_DIR/config.yaml):
+the swept hyper-parameters."""
 
 import csv
 import io
@@ -19,7 +26,8 @@ import os
 from hpcgan.errors import UsageError
 from hpcgan.io import write_bytes_atomic
 from hpcgan.metrics import MASK_ROWS, check_metric_names, higher_is_better
-from hpcgan.runs import evaluation_result, last_evaluation, read_config, selected_checkpoint, selected_result
+from hpcgan.runs import evaluation_result, last_evaluation, read_json_object, selected_result
+from hpcgan.training.checkpointing import read_run_config, run_selection
 
 NO_RESULT = "no result"
 
@@ -30,7 +38,8 @@ def add_arguments(parser):
         "--metric",
         default="swd",
         help="evaluation metric to rank by, or segmentation (Dice of hpcgan evaluate --task segmentation; "
-        "masks: mask plausibility) (default swd)",
+        "masks: mask plausibility); RUN_DIR/evaluation.json of the selected checkpoint wins over the evaluations "
+        "during training (default swd)",
     )
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV (atomically)")
 
@@ -46,23 +55,37 @@ def flatten(tree, prefix="") -> dict:
     return out
 
 
+def run_result(run_dir, metric) -> tuple:
+    """(result or None, split or None, guard verdict or None) of one run, by the rule of the module docstring."""
+    selection = run_selection(run_dir)
+    guard = None
+    if selection and selection["guard"]:
+        passed = f"passed at step {selection['step']}" if selection["file"] else "(none passed)"
+        guard = f"<= {selection['guard']:g} {passed}"
+    path = os.path.join(run_dir, "evaluation.json")
+    evaluation = read_json_object(path)
+    scored = (evaluation.get("generated") or {}).get("checkpoint_sha256")
+    if selection is None or (selection["file"] and scored == selection["sha256"]):
+        found = evaluation_result(path, metric)
+        if found:
+            return found, evaluation.get("split", "val"), guard
+    if selection is not None:
+        return selected_result(selection, metric), None, guard
+    return last_evaluation(os.path.join(run_dir, "metrics.jsonl"), metric), None, guard
+
+
 def summarise(run_dirs, metric) -> tuple:
-    """(header, rows): rank, run, metric, step, swept keys...; best first, no result last."""
+    """(header, rows): rank, run, metric, step, [memorization, guard, split,] swept keys...; best first, no
+    result last."""
     runs = []
     for run_dir in run_dirs:
-        selected = selected_checkpoint(run_dir)
-        guard = selected["guard"] if selected else None
-        if guard:
-            found = selected_result(selected, metric)
-        else:
-            found = last_evaluation(os.path.join(run_dir, "metrics.jsonl"), metric) or evaluation_result(
-                os.path.join(run_dir, "evaluation.json"), metric
-            )
+        found, split, guard = run_result(run_dir, metric)
         runs.append(
             {
                 "run": os.path.basename(os.path.normpath(run_dir)),
                 "result": found,
-                "config": flatten(read_config(run_dir)),
+                "split": split,
+                "config": flatten(read_run_config(run_dir)),
                 "guard": guard,
             }
         )
@@ -72,6 +95,7 @@ def summarise(run_dirs, metric) -> tuple:
     sign = -1.0 if higher_is_better(metric) else 1.0
     done = sorted((r for r in runs if r["result"]), key=lambda r: sign * r["result"][0])  # stable: ties keep order
     any_guard = any(r["guard"] for r in runs)
+    any_split = any(r["split"] for r in runs)
     show_memorization = metric != "memorization" and (
         any_guard or any(r["result"] and r["result"][2] is not None for r in runs)
     )
@@ -82,21 +106,21 @@ def summarise(run_dirs, metric) -> tuple:
         "step",
         *(["memorization"] if show_memorization else []),
         *(["guard"] if any_guard else []),
+        *(["split"] if any_split else []),
         *swept,
     ]
     rows = []
     for i, r in enumerate(done + [r for r in runs if not r["result"]]):
         value, step, memorization = r["result"] or (NO_RESULT, "", None)
-        rank = str(i + 1) if r["result"] else "-"
-        guard = f"<= {r['guard']:g}" + ("" if r["result"] else " (none passed)") if r["guard"] else "off"
         rows.append(
             [
-                rank,
+                str(i + 1) if r["result"] else "-",
                 r["run"],
                 value if isinstance(value, str) else f"{value:.6g}",
                 "" if step is None else str(step),
                 *([f"{memorization:.4g}" if memorization is not None else "-"] if show_memorization else []),
-                *([guard] if any_guard else []),
+                *([r["guard"] or "off"] if any_guard else []),
+                *([r["split"] or ("val" if r["result"] else "-")] if any_split else []),
                 *[str(r["config"].get(k, "")) for k in swept],
             ]
         )

@@ -24,6 +24,7 @@ from hpcgan.training.checks import (
     check_amp,
     check_batches,
     check_dataset,
+    check_deterministic,
     check_init_from,
     check_resume,
     load_train_config,
@@ -84,6 +85,7 @@ def run(args):
     env = launch_env()
     cfg = load_train_config(args.config, args.set)
     check_amp(cfg, args.device, args.config)
+    check_deterministic(cfg, args.device, args.config)
     manifest = check_dataset(cfg, args.data)
     init_from = check_init_from(args, cfg)
     run_dir = Path(args.out)
@@ -97,6 +99,7 @@ def run(args):
         device=args.device,
         fp16_allreduce=cfg.train.fp16_allreduce,
         collective_timeout_s=cfg.train.collective_timeout_s,
+        watchdog_s=cfg.train.watchdog_s,
     )
     checked = check_device_collectives(backend, sync_bn=cfg.train.sync_bn)
     checkpointer = Checkpointer(cfg, backend, run_dir, manifest)

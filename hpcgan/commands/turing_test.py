@@ -1,12 +1,16 @@
 """A visual Turing test: clinicians tell real slices from generated ones, blinded, and the answers are scored.
 
   hpcgan turing-test make --data DATASET --samples SAMPLES_DIR --out SESSION_DIR --num 100 --seed 1 --readers 4
+  hpcgan turing-test make --data DATASET --checkpoint RUN_DIR --out SESSION_DIR     (the run's selected checkpoint)
   (each reader opens SESSION_DIR/index.html in a browser, answers, exports answers-R1-….json)
   hpcgan turing-test score SESSION_DIR answers-*.json --out RUN_DIR/turing-test.json
   hpcgan report RUN_DIR            (shows RUN_DIR/turing-test.json as a section)
 
 `make` draws --num images: real slices of the dataset's --split (validation by default) and generated
-slices from the stack-*.h5 files of `hpcgan sample`, --fake-fraction of them generated, chosen by --seed.
+slices, --fake-fraction of them, chosen by --seed: from the stack-*.h5 files of `hpcgan sample`, or with
+--checkpoint the first images of the run's image set (hpcgan.generation, as evaluate --checkpoint), from the
+checkpoint the run selected (checkpoints/best, honouring the memorisation guard; RUN/checkpoints/latest for
+the newest).
 Both kinds go through the same rendering: [-1, 1] → uint8 as preprocessing encodes, first channel in
 grey (RGB for 3 channels), uncompressed PNG without metadata, so every image file has the same size.
 The session folder holds index.html (offline, self-contained: no server, no network) and images/ with
@@ -17,7 +21,8 @@ apart, to SESSION_DIR.key.json beside the folder (or --key), so the folder can b
 `score` checks each answer file against the key (same session, known images), and reports per reader and
 pooled: accuracy, sensitivity and specificity for "synthetic", an exact two-sided binomial test against
 chance (1/2) with a 95% Clopper-Pearson interval, accuracy by confidence level, and Fleiss' kappa
-between readers (on the images every reader answered). Pooled readings of the same images are not
+between readers (on the images every reader answered); also as CSV beside the JSON (every reading, and
+the per-reader scores). Pooled readings of the same images are not
 independent: read the pooled p-value as descriptive, the per-reader ones as the tests."""
 
 import argparse
@@ -25,13 +30,16 @@ import os
 
 import numpy as np
 
+from hpcgan.commands import common_flags
 from hpcgan.data import read_slices
+from hpcgan.generation import checkpoint_images
 from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.errors import UsageError
 from hpcgan.io import check_writable_dir, write_json_atomic
 from hpcgan.log import get_logger
 from hpcgan.stacks import read_samples
-from hpcgan.turing.scores import score_answers, scores_table
+from hpcgan.training.checkpointing import select_checkpoint
+from hpcgan.turing.scores import score_answers, scores_table, write_scores_csv
 from hpcgan.turing.session import (
     KEY_FORMAT,
     default_key_path,
@@ -47,8 +55,7 @@ log = get_logger("turing_test")
 
 def add_arguments(parser):
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(parser))
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common = common_flags(top=False)
     make = actions.add_parser(
         "make",
         parents=[common],
@@ -57,7 +64,14 @@ def add_arguments(parser):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     make.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
-    make.add_argument("--samples", required=True, metavar="SAMPLES_DIR", help="stack-*.h5 written by `hpcgan sample`")
+    synthetic = make.add_mutually_exclusive_group(required=True)
+    synthetic.add_argument("--samples", metavar="SAMPLES_DIR", help="stack-*.h5 written by `hpcgan sample`")
+    synthetic.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="generate the images instead: a checkpoint file, or a run directory (its selected checkpoint, "
+        "checkpoints/best, honouring the memorisation guard; RUN/checkpoints/latest for the newest)",
+    )
     make.add_argument("--out", required=True, metavar="SESSION_DIR", help="the session folder (new or empty)")
     make.add_argument("--num", type=int, default=100, metavar="N", help="images in the session (default 100)")
     make.add_argument(
@@ -85,7 +99,10 @@ def add_arguments(parser):
     score.add_argument("answers", nargs="+", metavar="ANSWERS_JSON", help="files exported by the readers' pages")
     score.add_argument("--key", metavar="JSON", help="answer key (default: SESSION_DIR.key.json)")
     score.add_argument(
-        "--out", metavar="JSON", help="scores as JSON, written atomically (default: SESSION_DIR.scores.json)"
+        "--out",
+        metavar="JSON",
+        help="scores as JSON, written atomically (default: SESSION_DIR.scores.json), with the readings and "
+        "the per-reader scores as CSV beside it (X.readings.csv, X.readers.csv)",
     )
     score.set_defaults(_action=score_session)
 
@@ -131,15 +148,21 @@ def read_generated(args, num_real: int, num_fake: int) -> tuple:
             f"{args.data}: the {args.split} split has {available} slices; --num {args.num} with "
             f"--fake-fraction {args.fake_fraction} needs {num_real} real images"
         )
-    generated, provenance = read_samples(args.samples)
+    if args.checkpoint:
+        path, reason = select_checkpoint(args.checkpoint)
+        generated, _, provenance = checkpoint_images(path, num_fake, manifest["image_shape"][0])
+        log.info("%s: %s", path, reason)
+    else:
+        generated, provenance = read_samples(args.samples)
+    source = args.samples or args.checkpoint
     if len(generated) < num_fake:
         raise UsageError(
-            f"{args.samples}: {len(generated)} generated images; --num {args.num} with "
+            f"{source}: {len(generated)} generated images; --num {args.num} with "
             f"--fake-fraction {args.fake_fraction} needs {num_fake}"
         )
     if tuple(generated.shape[1:]) != tuple(manifest["image_shape"]):
         raise UsageError(
-            f"{args.samples}: generated images are {list(generated.shape[1:])}, the dataset's are "
+            f"{source}: generated images are {list(generated.shape[1:])}, the dataset's are "
             f"{list(manifest['image_shape'])} (C, H, W); sample from a model trained on this dataset"
         )
     return generated, provenance
@@ -201,6 +224,7 @@ def score_session(args):
     scores = score_answers(key, answers)
     out = args.out or session_dir + ".scores.json"
     write_json_atomic(out, scores)
+    tables = write_scores_csv(out, key, answers, scores)
     print(scores_table(scores))
-    log.info("wrote %s", out)
+    log.info("wrote %s (and as CSV: %s)", out, ", ".join(tables))
     return 0

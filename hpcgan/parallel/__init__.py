@@ -20,6 +20,7 @@ The modules:
   horovod_backend, torch_backend   its distributed implementations
   device_check   the collectives on the training device at every start (NCCL, SyncBatchNorm)
   failure        how a job fails together: abort_job, CollectiveError, lost_a_peer
+  watchdog       the bounded exit of a rank cut off from its peers (train.watchdog_s): one wait too long
 """
 
 from hpcgan.parallel.env import LaunchEnv, launch_env, slurm_ntasks

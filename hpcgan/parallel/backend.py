@@ -14,6 +14,7 @@ import torch
 
 from hpcgan.parallel.env import launch_env, use_cuda
 from hpcgan.parallel.group import Group
+from hpcgan.parallel.watchdog import NO_WATCHDOG
 
 
 def visible_gpus() -> int:
@@ -48,6 +49,8 @@ class Backend(Group):
     # Accumulated by step() (class defaults: subclasses set themselves up without Backend.__init__).
     _sync_host_s = 0.0
     _sync_events = ()  # CUDA: (start, end) event pairs around each gradient wait, not yet resolved
+    # Marks every collective's wait (hpcgan.parallel.watchdog); make_backend sets it for train.watchdog_s.
+    watchdog = NO_WATCHDOG
 
     def __init__(self, device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0):
         env = launch_env()
@@ -67,7 +70,7 @@ class Backend(Group):
         return tensor.unsqueeze(0)
 
     def shutdown(self):
-        pass
+        self.watchdog.stop()
 
     # --- gradients -------------------------------------------------------------------------------
     def distributed_optimizer(self, optimizer, module, prefix: str):

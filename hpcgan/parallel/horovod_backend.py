@@ -35,19 +35,25 @@ class HorovodBackend(Backend):
         self.device = pick_device(self.local_rank, device)
         self._ops = {"mean": hvd.Average, "sum": hvd.Sum, "max": hvd.Max}
 
+    # Horovod's collectives return once done, on the GPU too (its wait covers the NCCL op): the host waits.
     def allreduce_(self, tensor, op="mean"):
-        return self.hvd.allreduce_(tensor, op=self._ops[op])
+        with self.watchdog.waiting("allreduce"):
+            return self.hvd.allreduce_(tensor, op=self._ops[op])
 
     def broadcast_(self, tensor, root=0):
-        return self.hvd.broadcast_(tensor, root_rank=root)
+        with self.watchdog.waiting("broadcast"):
+            return self.hvd.broadcast_(tensor, root_rank=root)
 
     def allgather(self, tensor):
-        return self.hvd.allgather(tensor.unsqueeze(0))
+        with self.watchdog.waiting("allgather"):
+            return self.hvd.allgather(tensor.unsqueeze(0))
 
     def barrier(self):
-        self.hvd.allreduce(torch.zeros(1), op=self.hvd.Sum, name="hpcgan.barrier")
+        with self.watchdog.waiting("barrier"):
+            self.hvd.allreduce(torch.zeros(1), op=self.hvd.Sum, name="hpcgan.barrier")
 
     def shutdown(self):
+        self.watchdog.stop()
         self.hvd.shutdown()
 
     def distributed_optimizer(self, optimizer, module, prefix):
@@ -63,13 +69,15 @@ class HorovodBackend(Backend):
         )
 
     def synchronize(self, optimizer):
-        optimizer.synchronize()
+        with self.watchdog.waiting("gradient allreduce"):
+            optimizer.synchronize()
 
     def skip_synchronize(self, optimizer):
         return optimizer.skip_synchronize()
 
     def broadcast_module(self, module, root=0):
-        self.hvd.broadcast_parameters(module.state_dict(), root_rank=root)
+        with self.watchdog.waiting("broadcast"):
+            self.hvd.broadcast_parameters(module.state_dict(), root_rank=root)
 
     def convert_sync_batchnorm(self, module):
         """Replace BatchNorm2d by hvd.SyncBatchNorm (GPU only), keeping parameters and statistics."""

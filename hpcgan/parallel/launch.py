@@ -4,15 +4,21 @@ the training backend, with the checks that every rank sees the world and the GPU
 from hpcgan.errors import HpcganError, UsageError
 from hpcgan.parallel.env import launch_env, slurm_ntasks, slurm_threads, use_cuda
 from hpcgan.parallel.mpi import yield_when_idle
+from hpcgan.parallel.watchdog import start_watchdog
 
 
 BACKENDS = ("auto", "horovod", "torch", "none")
 
 
 def make_backend(
-    name: str = "auto", device: str = "auto", fp16_allreduce: bool = False, collective_timeout_s: float = 1800.0
+    name: str = "auto",
+    device: str = "auto",
+    fp16_allreduce: bool = False,
+    collective_timeout_s: float = 1800.0,
+    watchdog_s: float = 0.0,
 ):
-    """Start the backend for this job and check that every rank sees the world the launcher made."""
+    """Start the backend for this job and check that every rank sees the world the launcher made. With
+    `watchdog_s` a rank that waits that long in one collective ends itself (hpcgan.parallel.watchdog)."""
     # The backend modules import torch (and Horovod or torch.distributed) here, not at the top: hpcgan.parallel
     # is imported by light commands and by the CLI's error path, which must not pay for torch.
     env = launch_env()
@@ -45,4 +51,5 @@ def make_backend(
             "MPI was not initialised through the launcher (under Slurm use `srun --mpi=pmix` with an MPI built "
             "with PMIx/Slurm support, or mpirun inside the allocation)"
         )
+    backend.watchdog = start_watchdog(watchdog_s, backend.rank, backend.world_size)
     return backend

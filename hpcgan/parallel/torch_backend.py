@@ -68,11 +68,15 @@ class TorchBackend(Backend):
         return None if tensor.is_cuda else self.cpu_group
 
     @contextlib.contextmanager
-    def _collective(self, name):
+    def _collective(self, name, tensor):
         """Gloo and NCCL raise RuntimeError when another rank dies mid-collective (connection reset):
-        CollectiveError marks it as a consequence, which the rank that failed first explains."""
+        CollectiveError marks it as a consequence, which the rank that failed first explains. The
+        watchdog sees the wait: on the host for Gloo, until the GPU has run it for NCCL (asynchronous)."""
         try:
-            yield
+            with self.watchdog.waiting(name):
+                yield
+            if tensor.is_cuda:
+                self.watchdog.queued(name)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CollectiveError(
@@ -80,31 +84,33 @@ class TorchBackend(Backend):
             ) from exc
 
     def allreduce_(self, tensor, op="mean"):
-        with self._collective("all_reduce"):
+        with self._collective("all_reduce", tensor):
             dist.all_reduce(tensor, op=_OPS[op], group=self._group(tensor))
         if op == "mean":
             tensor.div_(self.world_size)
         return tensor
 
     def broadcast_(self, tensor, root=0):
-        with self._collective("broadcast"):
+        with self._collective("broadcast", tensor):
             dist.broadcast(tensor, src=root, group=self._group(tensor))
         return tensor
 
     def allgather(self, tensor):
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        with self._collective("all_gather"):
+        with self._collective("all_gather", tensor):
             dist.all_gather(parts, tensor.contiguous(), group=self._group(tensor))
         return torch.stack(parts)
 
     def barrier(self):
-        self.allreduce_(torch.zeros(1), "sum")
+        with self.watchdog.waiting("barrier"):
+            self.allreduce_(torch.zeros(1), "sum")
 
     def shutdown(self):
         """Tear the process groups down while Python is fully alive. Gloo's worker threads drop their
         last references to the tensors of finished work a moment after the collective returns; if
         that happens during interpreter shutdown it needs the GIL and the process aborts (exit 134,
         pytorch/pytorch#190489, #179291). Collecting the groups here joins those threads first."""
+        self.watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
         self.cpu_group = None
@@ -122,9 +128,11 @@ class TorchBackend(Backend):
             # Divided before the fp16 cast and the sum: summing first overflows fp16 (max 65504) with
             # AMP-scaled gradients. Horovod does the same (gradient_predivide_factor = world size).
             flat = flat.div_(self.world_size).half()
-            self.allreduce_(flat, "sum")
+            with self.watchdog.waiting("gradient allreduce"):
+                self.allreduce_(flat, "sum")
         else:
-            self.allreduce_(flat, "mean")
+            with self.watchdog.waiting("gradient allreduce"):
+                self.allreduce_(flat, "mean")
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()

@@ -61,11 +61,23 @@ class PreprocessConfig:
     ct_level: float = option(40.0, "CT window level in HU")
     ct_width: float = option(80.0, "CT window width in HU")
     volume_index: int | None = option(None, "which volume of 4-D images to use", default_help="refuse 4-D")
+    nan_as_background: bool = option(
+        False,
+        "NaN voxels (outside a resampled volume's field of view) become background: 0 for MRI norms and masks, "
+        "the volume's lowest finite value for ct-window (default: refuse volumes with NaN)",
+    )
     shards: int = option(
-        8, "training shards; validation gets shards x val-fraction, at least 1; never more shards than subjects"
+        8,
+        "training shards; validation and test get shards x their fraction, at least 1; never more shards than subjects",
     )
     val_fraction: float = option(0.1, "fraction of subjects held out for validation")
-    seed: int = option(0, "seed of the train/val split")
+    test_fraction: float = option(
+        0.0,
+        "fraction of subjects held out as a test split (test-*.h5) that training and its evaluation never read; "
+        "score it with hpcgan evaluate --split test",
+        default_help="0, no test split",
+    )
+    seed: int = option(0, "seed of the train/val/test split")
     dtype: Literal["float16", "uint8"] = option("float16", "stored pixel type")
     compression: Literal["none", "lzf", "gzip"] = option("none", "HDF5 compression (slows random reads in training)")
     chunk_slices: int = option(32, "HDF5 chunk length along N")
@@ -108,6 +120,13 @@ class PreprocessConfig:
             raise ValueError("'shards' and 'chunk_slices' must be at least 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"'val_fraction' must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"'test_fraction' must be in [0, 1), got {self.test_fraction}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"'val_fraction' {self.val_fraction} + 'test_fraction' {self.test_fraction} leave no training "
+                "subject (their sum must be below 1)"
+            )
         if self.volume_index is not None and self.volume_index < 0:
             raise ValueError("'volume_index' must be >= 0")
         if self.pseudonymize and not self.salt_file:

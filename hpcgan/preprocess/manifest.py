@@ -88,7 +88,7 @@ def build_manifest(cfg, plan: dict, records: list) -> dict:
         subjects.update(record["subjects"])
         skipped += record["skipped"]
     splits = {}
-    for split in ("train", "val"):
+    for split in ("train", "val") + (("test",) if cfg.test_fraction > 0 else ()):  # no test key: as before
         mine = [r for r in records if r["split"] == split]
         splits[split] = {
             "slices": sum(r["slices"] for r in mine),

@@ -18,6 +18,7 @@ from nibabel.volumeutils import apply_read_scaling
 
 from hpcgan.errors import UsageError
 from hpcgan.io import sha256_file
+from hpcgan.preprocess import transforms as T
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -235,11 +236,20 @@ def read_voxels(path: str):
     return apply_read_scaling(voxels, proxy.slope, proxy.inter), image.affine, digest
 
 
-def load_volume(subject: str, path: str, name: str, volume_index=None, allow_all_zero=False):
+def load_volume(
+    subject: str,
+    path: str,
+    name: str,
+    volume_index=None,
+    allow_all_zero=False,
+    nan_as_background=False,
+    zero_is_background=True,
+):
     """(voxel data, affine, sha256 of the file), the data with scale slope/intercept applied and
-    checked for readability, NaN/Inf and (unless `allow_all_zero`, as for an empty lesion
-    mask) all-zero content. The array keeps the file's dtype when no scaling is needed; it may
-    be read-only. `name` is how messages name the file."""
+    checked for readability, Inf, NaN (refused, or with `nan_as_background` made background as
+    `transforms.nan_to_background` says for `zero_is_background`) and (unless `allow_all_zero`, as for
+    an empty lesion mask) all-zero content. The array keeps the file's dtype when no scaling is needed;
+    it may be read-only. `name` is how messages name the file."""
     try:
         data, affine, digest = read_voxels(path)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
@@ -249,7 +259,15 @@ def load_volume(subject: str, path: str, name: str, volume_index=None, allow_all
     if data.dtype.kind not in "uif":
         raise BadInput(subject, f"{name}: unsupported voxel type {data.dtype}")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise BadInput(subject, f"{name}: contains NaN or Inf voxels")
+        if np.isinf(data).any():
+            raise BadInput(subject, f"{name}: contains Inf voxels")
+        if not nan_as_background:
+            raise BadInput(
+                subject,
+                f"{name}: contains NaN voxels ({np.count_nonzero(np.isnan(data))}; outside a resampled field of "
+                "view? --nan-as-background makes them background)",
+            )
+        data = T.nan_to_background(data, zero_is_background)
     if not allow_all_zero and not data.any():
         raise BadInput(subject, f"{name}: all voxels are zero")
     return data, np.asarray(affine, dtype=np.float64), digest

@@ -1,5 +1,5 @@
 """The plan of a run, made by rank 0 before any volume is read in full: which subjects are usable
-(headers checked), their train/val split, which subjects go into which shard, the field of view,
+(headers checked), their train/val/test split, which subjects go into which shard, the field of view,
 and the fingerprint that says whether an earlier run's shards may be kept. Also prepares the
 output directory (refuse another config's dataset, --overwrite, leftovers of a killed run)."""
 
@@ -33,12 +33,19 @@ from hpcgan.preprocess.shards import (
 from hpcgan.preprocess.subject import file_label
 
 NOT_IN_FINGERPRINT = NOT_IN_MANIFEST + ("skip_bad",)
+# Options added after datasets were first made, whose default makes the dataset those made: they count in
+# the fingerprint only when set, so such a dataset keeps its fingerprint and a re-run still resumes it.
+LATER_OPTIONS = {"test_fraction": 0.0, "nan_as_background": False}
 
 
 def fingerprint(cfg: PreprocessConfig, subjects: dict, salt: str) -> str:
     """Identity of a dataset: config (without paths) and the input files' names, sizes and
     modification times. A re-run with the same fingerprint may resume."""
-    config = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    config = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if k not in NOT_IN_FINGERPRINT and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])
+    }
     files = []
     for subject in subjects.values():
         for modality, path in sorted(subject.files.items()):
@@ -67,16 +74,32 @@ def pseudonym(name: str, salt: str) -> str:
     return "sub-" + hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()[:16]
 
 
-def split_subjects(ids: list, val_fraction: float, seed: int) -> dict:
-    """{id: 'train'|'val'} in the seed's shuffled order (the order shards are filled in, so
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(validation, test) subjects of `n`. A fraction above 0 holds out at least one subject, and at least
+    one subject is left for training; UsageError when `n` is too few for a non-empty test split."""
+    n_val, n_test = int(round(val_fraction * n)), int(round(test_fraction * n))
+    if test_fraction > 0:
+        need = 2 + (val_fraction > 0)
+        if n < need:
+            raise UsageError(
+                f"--test-fraction {test_fraction}: {n} usable subject(s) are too few for a test split "
+                f"(need at least {need}: one each for training{', validation' if val_fraction > 0 else ''} and test)"
+            )
+        n_test = max(n_test, 1)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1 - n_test)
+    return n_val, min(n_test, max(n - 1 - n_val, 0))
+
+
+def split_subjects(ids: list, val_fraction: float, seed: int, test_fraction: float = 0.0) -> dict:
+    """{id: 'train'|'val'|'test'} in the seed's shuffled order (the order shards are filled in, so
     that patterns in subject names do not pile similar subjects into one shard or rank), split
-    by subject and reproducible from the seed. At least one subject is held out when
-    val_fraction > 0 and there are two or more subjects."""
+    by subject and reproducible from the seed. Validation takes the first subjects of that order and
+    test the next ones: adding a test split takes its subjects from training and leaves the validation
+    subjects as they were (unless too few subjects leave room for both)."""
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    n_val = int(round(val_fraction * len(ids)))
-    if val_fraction > 0 and len(ids) >= 2:
-        n_val = min(max(n_val, 1), len(ids) - 1)
-    return {sid: ("val" if i < n_val else "train") for i, sid in enumerate(order)}
+    n_val, n_test = split_counts(len(ids), val_fraction, test_fraction)
+    return {sid: ("val" if i < n_val else "test" if i < n_val + n_test else "train") for i, sid in enumerate(order)}
 
 
 def assign_shards(split_ids: list, n_shards: int, split: str) -> list:
@@ -152,9 +175,13 @@ def make_plan(cfg: PreprocessConfig) -> dict:
 
     # One field of view for the whole dataset, so every pixel has the same size in mm.
     fov_mm = max(max(shape[0] * spacing[0], shape[1] * spacing[1]) for shape, spacing in grids.values())
-    splits = split_subjects(sorted(good), cfg.val_fraction, cfg.seed)
+    splits = split_subjects(sorted(good), cfg.val_fraction, cfg.seed, cfg.test_fraction)
     shards = []
-    for split, n_shards in (("train", cfg.shards), ("val", max(1, int(round(cfg.shards * cfg.val_fraction))))):
+    for split, n_shards in (
+        ("train", cfg.shards),
+        ("val", max(1, int(round(cfg.shards * cfg.val_fraction)))),
+        ("test", max(1, int(round(cfg.shards * cfg.test_fraction)))),
+    ):
         shards += assign_shards([s for s in splits if splits[s] == split], n_shards, split)
     plan = {
         "fingerprint": fingerprint(cfg, good, salt),

@@ -17,7 +17,7 @@ from hpcgan.preprocess.manifest import DATASET_FORMAT, DATASET_FORMAT_VERSION
 from hpcgan.preprocess.nifti import BadInput
 from hpcgan.preprocess.subject import process_subject, source_files
 
-SHARD_PATTERN = re.compile(r"^(train|val)-(\d{5})-of-(\d{5})\.h5$")
+SHARD_PATTERN = re.compile(r"^(train|val|test)-(\d{5})-of-(\d{5})\.h5$")
 SUBJECT_ID_BYTES = 64
 PARTS_DIR = ".parts"  # per-shard records (resume) and the plan fingerprint
 

@@ -42,9 +42,15 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
     (S, C, size, size), masks (S, size, size) or None, info): info holds "intensity" {modality: [lo, hi]},
     "digests" {modality: sha256} and, with a mask, "mask_labels": the source labels in its selected slices."""
     volumes, digests, spacing = [], {}, None
+    ct = cfg.norm == "ct-window"
     for modality in cfg.modalities:
         data, affine, digests[modality] = load_volume(
-            sid, files[modality], file_label(cfg, modality, files[modality]), cfg.volume_index
+            sid,
+            files[modality],
+            file_label(cfg, modality, files[modality]),
+            cfg.volume_index,
+            nan_as_background=cfg.nan_as_background,
+            zero_is_background=not ct,
         )
         data, affine = T.reorient_to_ras(data, affine)
         volumes.append((modality, data))
@@ -52,7 +58,6 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
     ranges = {modality: intensity_range(cfg, data) for modality, data in volumes}
 
     # Slices are chosen on the union of all modalities' foreground (non-zero, or above the CT window).
-    ct = cfg.norm == "ct-window"
     fractions = np.max([T.foreground_fraction(data, ranges[m][0] if ct else None) for m, data in volumes], axis=0)
     slice_range = T.parse_slice_range(cfg.slices) if cfg.slices else None
     indices = T.select_slices(fractions, slice_range, cfg.min_brain_fraction)
@@ -77,7 +82,12 @@ def process_subject(cfg: PreprocessConfig, sid: str, files: dict, fov_mm: float,
     if cfg.mask:
         mask_label = file_label(cfg, cfg.mask, files[cfg.mask])
         data, affine, digests[cfg.mask] = load_volume(
-            sid, files[cfg.mask], mask_label, cfg.volume_index, allow_all_zero=True
+            sid,
+            files[cfg.mask],
+            mask_label,
+            cfg.volume_index,
+            allow_all_zero=True,
+            nan_as_background=cfg.nan_as_background,
         )
         data, _ = T.reorient_to_ras(data, affine)
         labels = T.axial_view(T.axial_slab(data, indices))

@@ -256,6 +256,25 @@ def parse_slice_range(text: str):
 # ---------------------------------------------------------------- intensity
 
 
+def nan_to_background(volume: np.ndarray, zero_is_background: bool = True) -> np.ndarray:
+    """NaN voxels (what resampling leaves outside a volume's field of view) → the background of the
+    normalisation that follows: 0 where zero voxels are background (MRI's percentile and z-score, which
+    leave zeros out of their statistics and map them to -1; masks, whose label 0 is background), else
+    the volume's lowest finite value (CT: air, below any window, so -1 as well); 0 for a volume with no
+    finite value. The volume itself when it holds no NaN, else a new array of its dtype."""
+    if volume.dtype.kind != "f":
+        return volume
+    nan = np.isnan(volume)
+    if not nan.any():
+        return volume
+    fill = 0.0
+    if not zero_is_background and not nan.all():
+        fill = float(np.min(volume, where=~nan, initial=np.inf))
+    out = np.array(volume)  # a writable copy: the voxels read from a file may be read-only
+    out[nan] = fill
+    return out
+
+
 def _small_int_codes(volume: np.ndarray):
     """Unsigned view of an 8- or 16-bit integer volume (its values as table indices), else None."""
     if volume.dtype.kind in "iu" and volume.dtype.itemsize <= 2:

@@ -119,6 +119,15 @@ def newest(paths):
     return max(paths, key=lambda p: (os.path.getmtime(p), p)) if paths else None
 
 
+def shown_samples_dir(samples_dir, run_dir):
+    """The sample directory whose stack the report shows: --samples, else that of the newest stack-*.png under
+    RUN_DIR (None when there is none)."""
+    if samples_dir:
+        return samples_dir
+    png = newest(glob.glob(os.path.join(run_dir, "**", "stack-*.png"), recursive=True))
+    return os.path.dirname(png) if png else None
+
+
 def contact_sheet_figure(samples_dir, run_dir, path) -> bool:
     """The newest stack's contact sheet: from --samples (PNG, or drawn from the HDF5 stack), else
     the newest stack-*.png under RUN_DIR."""

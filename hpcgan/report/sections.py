@@ -15,8 +15,10 @@ from hpcgan.report.figures import (
     grids_figure,
     loss_figure,
     metric_figure,
+    shown_samples_dir,
 )
-from hpcgan.runs import config_text, grid_steps, read_env, read_metrics, selected_checkpoint
+from hpcgan.runs import config_text, grid_steps, read_env, read_metrics, samples_provenance
+from hpcgan.training.checkpointing import run_selection, selection_reason
 from hpcgan.turing.scores import report_section as turing_test_section
 
 MAX_GRIDS = 6
@@ -54,7 +56,29 @@ def selected_section(selected, evals) -> str:
             guard_text,
         )
     ]
-    return table(["checkpoints/best", "step", html.escape(metric), "memorization", "memorisation guard"], rows)
+    return (
+        table(["checkpoints/best", "step", html.escape(metric), "memorization", "memorisation guard"], rows)
+        + f"<p>Selected: {html.escape(selection_reason(selected))}.</p>"
+    )
+
+
+def provenance_note(what: str, provenance: dict, selected) -> str:
+    """Which checkpoint `what` (shown samples, the evaluation) came from; a warning when it is not the one the
+    run selected (checkpoints/best, which honours the memorisation guard)."""
+    sha, step = provenance.get("checkpoint_sha256"), provenance.get("step")
+    if not sha:
+        return f"<p>{what}: the checkpoint they came from is not recorded.</p>"
+    came = f"{what} came from the checkpoint of step {step} (sha256 {html.escape(str(sha)[:12])})"
+    if selected is None:
+        return f"<p>{came}; the run selected no checkpoint (no evaluation during training).</p>"
+    if selected["file"] is not None and sha == selected["sha256"]:
+        return f"<p>{came}: the run's selected checkpoint (checkpoints/best).</p>"
+    chosen = f"step {selected['step']}" if selected["file"] else "none: no checkpoint passed the memorisation guard"
+    return (
+        f"<p><b>Warning:</b> {came}, not the checkpoint the run selected (checkpoints/best: {chosen}). "
+        "Generate them again from the run directory (<code>hpcgan sample --checkpoint RUN_DIR</code>), which "
+        "uses the selected checkpoint.</p>"
+    )
 
 
 def memorization_audit(mem, worst_dir, figures_dir, href) -> list:
@@ -85,11 +109,28 @@ def memorization_audit(mem, worst_dir, figures_dir, href) -> list:
     return parts
 
 
+def split_note(evaluation) -> str:
+    """Whether the evaluation's figures are the final ones: scored on the test split (never read by training,
+    its evaluation or the memorisation guard), or selection figures on the validation split."""
+    if evaluation.get("split") == "test":
+        return (
+            "<p><b>Final figures</b>: scored on the test split, which training, its evaluation and the memorisation "
+            "guard never read.</p>"
+        )
+    return (
+        "<p>Selection figures: scored on the validation split, the one the checkpoint was selected on (optimistic "
+        "by construction). The final figures come from <code>hpcgan evaluate --split test</code> on a dataset "
+        "preprocessed with <code>--test-fraction</code>.</p>"
+    )
+
+
 def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
-    """The metrics of `hpcgan evaluate` beside their baselines, and the memorisation audit."""
+    """The metrics of `hpcgan evaluate` beside their baselines, which split scored them, and the memorisation
+    audit."""
     if not evaluation or not isinstance(evaluation.get("metrics"), dict):
         return "<p>No evaluation (run <code>hpcgan evaluate --out RUN_DIR/evaluation.json</code>).</p>"
     results = evaluation["metrics"]
+    split = evaluation.get("split", "val")
     rows = [
         (
             html.escape(n),
@@ -100,11 +141,12 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
         for n, r in results.items()
         if isinstance(r, dict)
     ]
-    parts = [table(["metric", "value", "real-vs-real baseline", "verdict"], rows)]
-    gen = evaluation.get("generated", {})
+    parts = [split_note(evaluation), table(["metric", "value", "real-vs-real baseline", "verdict"], rows)]
+    gen, real = evaluation.get("generated", {}), evaluation.get("real", {})
+    held_out = "test" if split == "test" else "validation"
     parts.append(
-        f"<p>{int(gen.get('count', 0))} generated images against {int(evaluation.get('real', {}).get('train', 0))}"
-        f" training and {int(evaluation.get('real', {}).get('val', 0))} validation slices.</p>"
+        f"<p>{int(gen.get('count', 0))} generated images against {int(real.get('train', 0))} training and "
+        f"{int(real.get(split, 0))} {held_out} slices.</p>"
     )
     mem = results.get("memorization")
     parts.append("<h3>Memorisation audit</h3>")
@@ -118,7 +160,7 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
 
 def segmentation_section(evaluation) -> str:
     """Dice per class of the U-Nets trained on real, synthetic and real + synthetic pairs (hpcgan evaluate
-    --task segmentation), on the real validation pairs."""
+    --task segmentation), on the real held-out pairs of its --split."""
     task = ((evaluation or {}).get("metrics") or {}).get("segmentation")
     if not isinstance(task, dict) or not isinstance(task.get("arms"), dict):
         return "<p>Not evaluated (<code>hpcgan evaluate --task segmentation</code> on a joint image + mask model).</p>"
@@ -135,8 +177,9 @@ def segmentation_section(evaluation) -> str:
         for arm, result in task["arms"].items()
     ]
     recipe = task.get("recipe") or {}
+    held_out = "test" if evaluation.get("split") == "test" else "validation"
     return table(header, rows) + (
-        f"<p>Dice on {int(task.get('val_pairs', 0))} real validation pairs; the real-only U-Net is the baseline. "
+        f"<p>Dice on {int(task.get('val_pairs', 0))} real {held_out} pairs; the real-only U-Net is the baseline. "
         f"Recipe: {html.escape(json.dumps(recipe, sort_keys=True))}.</p>"
     )
 
@@ -166,6 +209,8 @@ def report_page(run_dir, figures_dir, href, samples_dir, evaluation_path, turing
         return figure_section(title, href(name), made, missing)
 
     last = train[-1] if train else {}
+    selected = run_selection(run_dir)
+    shown = shown_samples_dir(samples_dir, run_dir)
     sections = [
         f"<h1>Run {html.escape(os.path.basename(os.path.abspath(run_dir)))}</h1>",
         f"<p>{len(train)} training log lines, last step {last.get('step', '-')}; {len(evals)} evaluations.</p>",
@@ -193,9 +238,13 @@ def report_page(run_dir, figures_dir, href, samples_dir, evaluation_path, turing
             contact_sheet_figure(samples_dir, run_dir, os.path.join(figures_dir, "contact-sheet.png")),
             "No sample stack (run hpcgan sample, or pass --samples).",
         ),
+        provenance_note("These samples", samples_provenance(shown), selected) if shown else "",
         "<h2>Selected checkpoint</h2>",
-        selected_section(selected_checkpoint(run_dir), evals),
+        selected_section(selected, evals),
         "<h2>Evaluation</h2>",
+        provenance_note("The evaluated images", (evaluation or {}).get("generated") or {}, selected)
+        if evaluation
+        else "",
         evaluation_section(evaluation, os.path.dirname(os.path.abspath(evaluation_path)), figures_dir, href),
         "<h2>Task: segmentation (train on synthetic, test on real)</h2>",
         segmentation_section(evaluation),

@@ -1,9 +1,11 @@
 """What can be wrong with a training run's input, found on every rank before MPI starts: the config (with
-the checks across sections that one dataclass field cannot make), AMP against the device, the dataset
-against the model, the batch against the data, --resume and --init-from. Each is a one-line UsageError."""
+the checks across sections that one dataclass field cannot make), AMP and deterministic mode against the
+device, the dataset against the model, the batch against the data, --resume and --init-from. Each is a
+one-line UsageError."""
 
 import torch
 
+from hpcgan.augment import nondeterministic_ops, parse_ada_policy
 from hpcgan.config import load_config, to_dict
 from hpcgan.data import check_mask_classes
 from hpcgan.errors import UsageError
@@ -39,9 +41,14 @@ def load_train_config(config, overrides):
     return cfg
 
 
+def _on_cuda(device: str) -> bool:
+    """Whether training will run on a GPU: --device cuda, or auto where one is visible."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def check_amp(cfg, device: str, config):
     """train.amp against the device training will use (--device auto: a GPU when one is visible)."""
-    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on_cuda = _on_cuda(device)
     if cfg.train.amp == "fp16" and not on_cuda:
         raise UsageError(f"{config}: 'train.amp' fp16 needs CUDA (use bf16 on CPUs)")
     if cfg.train.amp == "bf16" and on_cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -54,6 +61,21 @@ def check_amp(cfg, device: str, config):
         log.warning(
             "train.fp16_allreduce without train.amp=fp16: gradients below 6e-8 vanish in the fp16 "
             "allreduce (fp16 AMP's loss scaling keeps them in range)"
+        )
+
+
+def check_deterministic(cfg, device: str, config):
+    """train.deterministic against ADA's ops on the device training will use: torch raises in the first
+    backward of an op without a deterministic kernel, so refuse it here (hpcgan.augment.nondeterministic_ops)."""
+    if not cfg.train.ada_target:
+        return
+    ops = parse_ada_policy(cfg.train.ada_policy)
+    refused = nondeterministic_ops(ops, "cuda" if _on_cuda(device) else "cpu", cfg.train.deterministic)
+    if refused:
+        raise UsageError(
+            f"{config}: train.deterministic=true on CUDA cannot run train.ada_policy ops {','.join(refused)} "
+            "(grid_sample has no deterministic CUDA backward): drop them from train.ada_policy, "
+            "or set train.deterministic=false"
         )
 
 

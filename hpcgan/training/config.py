@@ -72,6 +72,10 @@ class TrainConfig:
     # How long a rank waits in one collective before the job is ended (NCCL/Gloo timeout, Horovod's stall
     # shutdown): longer than the slowest rank-0 duty (evaluation, checkpoint) that the others wait for.
     collective_timeout_s: float = 1800.0
+    # A rank that waits this long in one collective ends itself (one line, exit 69; hpcgan.parallel.watchdog):
+    # the bounded exit of a rank cut off by a network partition, which nothing else ends before the timeout
+    # above. Longer than the slowest rank-0 evaluation or checkpoint that the other ranks wait for. 0 = off.
+    watchdog_s: float = 300.0
     # Stop (exit 0, final checkpoint written) once K evaluations in a row are above checkpoint.max_memorization:
     # on a small dataset memorisation rarely goes back down. 0 = off.
     stop_on_memorization: int = 0
@@ -87,6 +91,11 @@ class TrainConfig:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
         if not self.collective_timeout_s >= 60:
             raise ValueError(f"train.collective_timeout_s: must be >= 60, got {self.collective_timeout_s}")
+        if self.watchdog_s and not 10 <= self.watchdog_s < self.collective_timeout_s:
+            raise ValueError(
+                "train.watchdog_s: must be 0 (off) or in [10, "
+                f"train.collective_timeout_s={self.collective_timeout_s:g}), got {self.watchdog_s}"
+            )
         if self.max_rollbacks < 0:
             raise ValueError(f"train.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
         if self.stop_on_memorization < 0:

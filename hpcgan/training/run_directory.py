@@ -28,6 +28,8 @@ from hpcgan.log import get_logger
 
 log = get_logger("train")
 
+METRICS_FILE = "metrics.jsonl"  # fsynced before each checkpoint that describes it is renamed into place
+
 
 class RunDirectory:
     def __init__(self, run_dir, cfg, backend_info: dict):
@@ -35,7 +37,7 @@ class RunDirectory:
         env.json."""
         self.path = Path(run_dir)
         self.samples = self.path / "samples"
-        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path = self.path / METRICS_FILE
         self.samples.mkdir(parents=True, exist_ok=True)
         for directory in (self.path, self.samples):
             for name in remove_temp_files(directory):

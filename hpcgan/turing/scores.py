@@ -1,8 +1,10 @@
 """The scores of a session's answers, per reader and pooled, with Fleiss' kappa between readers: as JSON,
-as a table for the terminal and as the Visual Turing test section of `hpcgan report`."""
+as CSV for a spreadsheet (every reading, and the per-reader statistics), as a table for the terminal and as
+the Visual Turing test section of `hpcgan report`."""
 
 import html
 
+from hpcgan.io import write_csv_atomic
 from hpcgan.pages import number, table
 from hpcgan.turing.session import LABELS
 from hpcgan.turing.stats import fleiss_kappa, reading_stats
@@ -41,6 +43,53 @@ def score_answers(key: dict, answers: dict) -> dict:
         "pooled": pooled,
         "fleiss_kappa": kappa,
     }
+
+
+READINGS_HEADER = ("reader", "position", "image", "truth", "answer", "correct", "confidence")
+READER_STATS = ("n", "correct", "accuracy", "ci95_low", "ci95_high", "p_value", "sensitivity", "specificity")
+
+
+def csv_paths(json_path) -> tuple:
+    """(readings CSV, readers CSV) beside the scores JSON: X.json → X.readings.csv, X.readers.csv."""
+    stem = str(json_path)[: -len(".json")] if str(json_path).endswith(".json") else str(json_path)
+    return f"{stem}.readings.csv", f"{stem}.readers.csv"
+
+
+def write_scores_csv(json_path, key: dict, answers: dict, scores: dict) -> tuple:
+    """The CSV tables beside the scores JSON, each written atomically; returns their paths.
+    readings: one row per answer (reader, its position in the reader's order, image, truth, answer,
+    correct 0/1, confidence), the data a statistician refits (e.g. a mixed model by reader and image).
+    readers: one row per reader and a last "pooled" row, with the statistics of the JSON, accuracy by
+    confidence level and Fleiss' kappa of all readers (the same on every row)."""
+    readings_path, readers_path = csv_paths(json_path)
+    truth = key["truth"]
+    write_csv_atomic(
+        readings_path,
+        READINGS_HEADER,
+        [
+            (reader, position, image, truth[image], answer, int(truth[image] == answer), confidence)
+            for reader, rows in sorted(answers.items())
+            for position, (image, answer, confidence) in enumerate(rows, start=1)
+        ],
+    )
+    levels = list(scores["pooled"]["by_confidence"])
+    kappa = (scores.get("fleiss_kappa") or {}).get("value")
+    header = ["reader", *READER_STATS, "complete", *(f"accuracy_confidence_{level}" for level in levels)]
+    rows = []
+    for name, stats in [*scores["readers"].items(), ("pooled", scores["pooled"])]:
+        values = {**stats, "ci95_low": stats["ci95"][0], "ci95_high": stats["ci95"][1]}
+        by_level = stats["by_confidence"]
+        rows.append(
+            [
+                name,
+                *(values[column] for column in READER_STATS),
+                None if name == "pooled" else int(stats["complete"]),
+                *((by_level.get(level) or {}).get("accuracy") for level in levels),
+                kappa,
+            ]
+        )
+    write_csv_atomic(readers_path, [*header, "fleiss_kappa"], rows)
+    return readings_path, readers_path
 
 
 def _fmt(value, spec=".3f") -> str:

@@ -7,12 +7,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from importlib import resources
 
 from hpcgan.errors import UsageError
-from hpcgan.io import read_json, write_bytes_atomic, write_json_atomic
+from hpcgan.io import make_temp_dir, read_json, write_bytes_atomic, write_json_atomic
 from hpcgan.stacks import to_uint8, write_png
 
 SESSION_FORMAT = "hpcgan-turing-session"
@@ -83,7 +82,7 @@ def write_session(session_dir, session_data: dict, picture_of: dict, key: dict, 
     out = os.path.abspath(session_dir)
     key_inside = os.path.commonpath([os.path.abspath(key_path), out]) == out
     key_written = False
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
+    staging = make_temp_dir(os.path.dirname(out), prefix=f".{os.path.basename(out)}.")  # the mode: the umask's
     try:
         os.makedirs(os.path.join(staging, IMAGES_DIR))
         for name in sorted(picture_of):
@@ -100,7 +99,6 @@ def write_session(session_dir, session_data: dict, picture_of: dict, key: dict, 
         for folder, _, files in os.walk(staging):
             for name in [*files, "."]:
                 os.utime(os.path.join(folder, name), (stamp, stamp))
-        os.chmod(staging, 0o755)  # mkdtemp makes 0700; readers on a shared folder must open it
         os.rename(staging, out)  # onto a missing or empty folder: atomic
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

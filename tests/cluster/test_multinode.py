@@ -249,9 +249,9 @@ def lost_nodes_seen_from_node1(cluster, work: Path):
 FAULT_TRAIN_ARGS = ["--set", "train.batch_size=4", "--set", "checkpoint.every_steps=2", "--set", "log.every_steps=1"]
 
 
-def train_on_two_nodes(cluster, work: Path, dataset: Path, steps: int, *options) -> str:
-    """train.sbatch on node1 and node2 (one Horovod rank each) into WORK/run; its job id, once the
-    first checkpoint shows that training is under way on both nodes."""
+def train_on_two_nodes(cluster, work: Path, dataset: Path, steps: int, *options, train_args=()) -> str:
+    """train.sbatch on node1 and node2 (one Horovod rank each) into WORK/run, with sbatch OPTIONS and
+    hpcgan's TRAIN_ARGS; its job id, once the first checkpoint shows that training is under way on both nodes."""
     run = work / "run"
     job = sbatch(
         cluster,
@@ -260,6 +260,7 @@ def train_on_two_nodes(cluster, work: Path, dataset: Path, steps: int, *options)
         "--set",
         f"train.steps={steps}",
         *FAULT_TRAIN_ARGS,
+        *train_args,
         HPCGAN_NODES=2,
         options=("--nodes=2", "--ntasks-per-node=1", *options),
         HPCGAN_DATA=dataset,
@@ -277,17 +278,18 @@ def last_logged_step(run: Path) -> int:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
 
 
-def fault_during_training(cluster, work: Path, dataset: Path, fault) -> tuple[dict, int, float]:
+def fault_during_training(cluster, work: Path, dataset: Path, fault, train_args=()) -> tuple[dict, int, float, float]:
     """fault() a second after the first checkpoint of a 2-node training job (--no-requeue: Slurm would
     otherwise requeue it onto the two nodes once the lost one is declared down). The job's final
-    record, the last step logged at the fault and the seconds from the fault to the job's end."""
-    job = train_on_two_nodes(cluster, work, dataset, 1000, "--no-requeue")
+    record, the last step logged at the fault, the seconds from the fault to the job's end, and the
+    time of the fault (time.monotonic())."""
+    job = train_on_two_nodes(cluster, work, dataset, 1000, "--no-requeue", train_args=train_args)
     time.sleep(1)
     fault_at = time.monotonic()
     fault()
     steps_done = last_logged_step(work / "run")
     [info] = cluster.wait(job, 120)
-    return info, steps_done, time.monotonic() - fault_at
+    return info, steps_done, time.monotonic() - fault_at, fault_at
 
 
 def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(
@@ -308,7 +310,7 @@ def test_node_dies_mid_training_job_ends_and_resumes_on_the_survivor(
         assert cluster.kill_node("node2") >= 2  # slurmd, slurmstepd and the rank at least
 
     try:
-        info, steps_done, time_to_exit = fault_during_training(cluster, tmp_path, dataset, kill_node2)
+        info, steps_done, time_to_exit, _ = fault_during_training(cluster, tmp_path, dataset, kill_node2)
         lost = lost_nodes_seen_from_node1(cluster, tmp_path)
     finally:
         cluster.start_node("node2")  # back for the other tests: ReturnToService=2 makes it idle again
@@ -394,38 +396,52 @@ def rank_processes(cluster, node: str) -> list[str]:
     return left
 
 
-def test_network_partition_mid_training_ends_the_job_after_slurmd_timeout(
+PARTITION_WATCHDOG_S = 60  # above the 39-48 s Slurm takes to end the job on node1's side
+
+
+def test_network_partition_ends_the_job_and_the_cut_off_rank_by_its_watchdog(
     cluster, horovod_pipeline, tmp_path, report_figure
 ):
-    """node2's link taken down during a 2-node Horovod training (its processes keep running, cut off
-    from node1 and slurmctld): rank 0 waits in its allreduce, no connection is reset; slurmctld
-    declares node2 down after SlurmdTimeout (20 s here) and ends the job (NODE_FAIL, "Node failure on
-    node2") within 60 s. The cut-off rank on node2 hears of none of it and goes on (counted in the
-    figure, killed in teardown): a bounded exit is shown on node1's side only."""
+    """node2's link taken down during a 2-node Horovod training with train.watchdog_s=60 (its processes keep
+    running, cut off from node1 and slurmctld): rank 0 waits in its allreduce, no connection is reset;
+    slurmctld declares node2 down after SlurmdTimeout (20 s here) and ends the job (NODE_FAIL, "Node failure
+    on node2") within 60 s. The cut-off rank on node2 hears of none of it: its watchdog ends it within
+    train.watchdog_s (+ margin) of the cut, with its one line in its rank log (without the watchdog it ran
+    on until Horovod's stall shutdown, 30 minutes; Slurm does not end it, not even once the link is back)."""
     dataset = horovod_pipeline[0] / "data" / "dataset"
     run = tmp_path / "run"
+    watchdog = ("--set", f"train.watchdog_s={PARTITION_WATCHDOG_S}")
     try:
-        info, steps_done, time_to_exit = fault_during_training(
-            cluster, tmp_path, dataset, lambda: cluster.cut_link("node2")
+        info, steps_done, time_to_exit, cut_at = fault_during_training(
+            cluster, tmp_path, dataset, lambda: cluster.cut_link("node2"), train_args=watchdog
         )
-        time.sleep(5)
+        while rank_processes(cluster, "node2") and time.monotonic() < cut_at + PARTITION_WATCHDOG_S + 30:
+            time.sleep(0.5)
+        orphan_exit = time.monotonic() - cut_at
         orphans = rank_processes(cluster, "node2")
     finally:
         cluster.restore_link("node2")
-        # The cut-off rank is not ended by Slurm, not even once the link is back (seen: still running
-        # 90 s later): kill whatever runs on node2, slurmd too, and start node2 as new.
+        # node2's slurmd (and slurmstepd) lost the controller: start node2 as new, as after a reboot.
         cluster.kill_node("node2")
         cluster.start_node("node2")
-    assert not rank_processes(cluster, "node2")
     log = (tmp_path / "logs" / f"hpcgan-train-{info['JobId']}.out").read_text()
     assert info["JobState"] == "NODE_FAIL" and "srun: error: Node failure on node2" in log, (info, log)
     assert time_to_exit < 60, (time_to_exit, log)
+    assert not orphans, f"still running on node2 {orphan_exit:.0f} s after the cut: {orphans}"
+    assert PARTITION_WATCHDOG_S <= orphan_exit < PARTITION_WATCHDOG_S + 30, orphan_exit
+    rank1 = (tmp_path / "logs" / f"hpcgan-train-{info['JobId']}.step0.rank1.log").read_text()
+    ended = [line for line in rank1.splitlines() if ": error: " in line]
+    assert len(ended) == 1 and re.search(
+        rf"^hpcgan train: error: rank 1 on node2 has waited \d+ s in .* for the other ranks .*"
+        rf"train.watchdog_s={PARTITION_WATCHDOG_S}\): cut off from its peers, ending it with exit 69$",
+        ended[0],
+    ), rank1[-3000:]
     saved = load_checkpoint(find_latest_valid(run / "checkpoints"))
     report_figure(
         f"node2's link cut at step {steps_done}: job {info['JobState']} ({info['ExitCode']}) "
         f"{time_to_exit:.1f} s later; newest checkpoint: step {saved['step']} "
-        f"({steps_done - saved['step']} step(s) lost); hpcgan processes still running on node2 5 s "
-        f"after the job ended: {len(orphans)}"
+        f"({steps_done - saved['step']} step(s) lost); the cut-off rank on node2 ended by its watchdog "
+        f"(train.watchdog_s={PARTITION_WATCHDOG_S}) {orphan_exit:.1f} s after the cut: {ended[0].split(': error: ')[1]}"
     )
 
 

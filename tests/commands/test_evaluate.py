@@ -7,11 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from hpcgan.data import read_slices
 from hpcgan.metrics import fid, intensity, memorization, msssim, swd
 from hpcgan.stacks import write_stack_h5
-from conftest import requires_mpirun, run_hpcgan, run_hpcgan_mpi
+from conftest import mpi_env, requires_mpirun, run_hpcgan, run_hpcgan_mpi
 
 ALL = "swd,msssim,intensity,memorization,fid"
 NUM_GENERATED = 600
@@ -233,4 +234,23 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, message, sample_dataset,
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="proves the refusals of a machine without CUDA")
+@pytest.mark.parametrize(
+    "device, environ, message",
+    [
+        ("cuda", {}, "--device cuda: torch sees no CUDA device on this node"),
+        # auto is the training rule: GPUs that Slurm allocated but torch cannot use are refused, not ignored.
+        ("auto", {"SLURM_GPUS_ON_NODE": "1"}, "--device auto: Slurm allocated GPUs (SLURM_GPUS_ON_NODE=1)"),
+    ],
+)
+def test_task_device_follows_the_training_rule(device, environ, message, sample_dataset, samples, tmp_path):
+    """--device of the segmentation task is hpcgan.parallel.backend.pick_device's, checked before any work."""
+    out = tmp_path / "evaluation.json"
+    args = ["evaluate", "--data", sample_dataset, "--samples", samples, "--task", "segmentation", "--out", out]
+    result = run_hpcgan(*args, "--device", device, env=mpi_env(environ), timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()

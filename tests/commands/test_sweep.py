@@ -101,28 +101,83 @@ def test_summary_ranks_runs_by_the_last_evaluation(capsys, tmp_path):
         make_run(tmp_path, "b", 2e-4, evaluation=0.5),  # no eval during training: evaluation.json
         make_run(tmp_path, "c", 1e-3),  # nothing: last, "no result"
         make_run(tmp_path, "d", 5e-4, evals=[(20, 0.1)], evaluation=7.0),
-    ]  # metrics.jsonl first
+    ]  # evaluation.json, the final score, wins over metrics.jsonl
     (runs[2] / "config.yaml").unlink()  # a run without its config adds no columns
     out_csv = tmp_path / "summary.csv"
     code, out, _ = hpcgan(capsys, "sweep-summary", *runs, "--metric", "swd", "--csv", out_csv)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["rank", "run", "swd", "step", "optim.lr"]  # only the swept key
+    assert lines[0].split() == ["rank", "run", "swd", "step", "split", "optim.lr"]  # only the swept key
     assert [line.split()[:3] for line in lines[1:]] == [
-        ["1", "d", "0.1"],
-        ["2", "b", "0.5"],
-        ["3", "a", "0.9"],
+        ["1", "b", "0.5"],
+        ["2", "a", "0.9"],
+        ["3", "d", "7"],
         ["-", "c", "no"],
     ]
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
-    assert [(r["run"], r["swd"], r["optim.lr"]) for r in rows] == [
-        ("d", "0.1", "0.0005"),
-        ("b", "0.5", "0.0002"),
-        ("a", "0.9", "0.0001"),
-        ("c", "no result", ""),
+    assert [(r["run"], r["swd"], r["split"], r["optim.lr"]) for r in rows] == [
+        ("b", "0.5", "val", "0.0002"),
+        ("a", "0.9", "val", "0.0001"),
+        ("d", "7", "val", "0.0005"),
+        ("c", "no result", "-", ""),
     ]
-    assert rows[2]["step"] == "20" and rows[1]["step"] == "evaluation.json"
+    assert rows[1]["step"] == "20" and rows[0]["step"] == rows[2]["step"] == "evaluation.json"
+
+
+GUARD = {"eval": {"every_steps": 1}, "checkpoint": {"best_metric": "swd", "max_memorization": 0.2}}
+
+
+def guarded_run(root, name, memorization: list, dice: float | None = None, scored: str = "best", split="test"):
+    """A run trained with the memorisation guard: checkpoints of steps 1, 2, ... written by the real writer with
+    swd falling and the given memorisation, and an evaluation.json with the segmentation task's Dice of the
+    `scored` checkpoint (best or latest)."""
+    import torch
+
+    from hpcgan.training.checkpointing import CheckpointWriter, read_index, read_pointer
+
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({**GUARD, "optim": {"lr": len(memorization) * 1e-4}}))
+    writer = CheckpointWriter(run / "checkpoints", keep_last=1, best_metric="swd", max_memorization=0.2)
+    for step, mem in enumerate(memorization, 1):
+        writer.submit({"x": torch.zeros(2)}, step, metrics={"swd": 10.0 / step, "memorization": mem})
+    writer.close()
+    entries = {e["file"]: e for e in read_index(run / "checkpoints")}
+    pointer = read_pointer(run / "checkpoints" / scored)
+    if dice is not None and pointer:
+        evaluation = {
+            "metrics": {"segmentation": {"value": dice, "baseline": 0.5, "higher_is_better": True}},
+            "generated": {"source": "checkpoint", "checkpoint_sha256": entries[pointer]["sha256"]},
+            "split": split,
+        }
+        (run / "evaluation.json").write_text(json.dumps(evaluation))
+    return run
+
+
+def test_summary_ranks_guarded_runs_by_the_dice_of_their_selected_checkpoint(capsys, tmp_path):
+    runs = [
+        guarded_run(tmp_path, "passed", [0.0, 0.1, 0.5], dice=0.7),  # best: step 2 (step 3 memorised)
+        guarded_run(tmp_path, "other-ckpt", [0.0, 0.1, 0.5], dice=0.9, scored="latest"),  # Dice of step 3: not it
+        guarded_run(tmp_path, "none-passed", [0.5, 0.6], dice=0.95, scored="latest"),
+        make_run(tmp_path, "unguarded", 1e-3, evaluation=0.5),  # no evaluation during training
+    ]
+    (runs[3] / "evaluation.json").write_text(json.dumps({"metrics": {"segmentation": {"value": 0.6}}}))
+    code, out, _ = hpcgan(capsys, "sweep-summary", *runs, "--metric", "segmentation")
+    assert code == 0
+    lines = [line.split() for line in out.splitlines()]
+    assert lines[0][:7] == ["rank", "run", "segmentation", "step", "memorization", "guard", "split"]
+    assert lines[1][:9] == ["1", "passed", "0.7", "evaluation.json", "-", "<=", "0.2", "passed", "at"]
+    assert lines[1][9:11] == ["step", "2"] and lines[1][11] == "test"  # the final figure, on the test split
+    assert lines[2][:3] == ["2", "unguarded", "0.6"] and lines[2][5:7] == ["off", "val"]
+    assert lines[3][:4] == ["-", "other-ckpt", "no", "result"] and lines[3][5:10] == [
+        "<=",
+        "0.2",
+        "passed",
+        "at",
+        "step",
+    ]
+    assert lines[4][:4] == ["-", "none-passed", "no", "result"] and "(none passed)" in out.splitlines()[4]
 
 
 def test_summary_refuses_unknown_metric_and_missing_runs(capsys, tmp_path):

@@ -318,14 +318,13 @@ def test_oracle_and_random_readers_in_a_browser_then_score_and_report(session, t
         oracle_file = export_answers(driver, downloads, "R1")
 
         driver.refresh()
-        # A reader at chance: right on every other image (the reading order is random, so the rights
-        # and wrongs fall on random images) with random confidence; a fixed count keeps the test exact.
-        rng, shown = np.random.default_rng(7), []
+        # A reader at chance: a seeded coin decides each answer, whatever the image, with random confidence.
+        rng, rights = np.random.default_rng(7), []
 
         def at_chance(name):
-            shown.append(name)
             right = "s" if truth[name] == "synthetic" else "r"
-            return (right if len(shown) % 2 else {"s": "r", "r": "s"}[right]), str(rng.integers(1, 6))
+            rights.append(bool(rng.random() < 0.5))
+            return (right if rights[-1] else {"s": "r", "r": "s"}[right]), str(rng.integers(1, 6))
 
         start_reading(driver, "R2")
         read_by_keyboard(driver, at_chance)
@@ -347,7 +346,8 @@ def test_oracle_and_random_readers_in_a_browser_then_score_and_report(session, t
         "4": {"n": 20, "correct": 20, "accuracy": 1.0},
         "5": {"n": 20, "correct": 20, "accuracy": 1.0},
     }
-    assert (r2["n"], r2["correct"], r2["p_value"]) == (NUM, NUM // 2, 1.0) and r2["ci95"][0] < 0.5 < r2["ci95"][1]
+    assert (r2["n"], r2["correct"]) == (NUM, sum(rights)) and r2["p_value"] == binomial_test(sum(rights), NUM)
+    assert r2["p_value"] > 0.05 and r2["ci95"][0] < 0.5 < r2["ci95"][1]  # chance: no evidence against 1/2
     assert scores["pooled"]["n"] == 2 * NUM and scores["fleiss_kappa"]["images"] == NUM
     assert -1 <= scores["fleiss_kappa"]["value"] < 0.5
     table = result.stdout
@@ -465,3 +465,74 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     # One real process: what a user sees.
     result = run_hpcgan(*score, files["other-session.json"])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and not scores.exists()
+
+
+def answer_file(path, key, reader, readings) -> Path:
+    """An exported answer file: readings [(image, answer, confidence)] in reading order."""
+    answers = [{"image": image, "answer": answer, "confidence": c} for image, answer, c in readings]
+    path.write_text(
+        json.dumps(
+            {
+                "format": "hpcgan-turing-answers",
+                "version": 1,
+                "session": key["session"],
+                "reader": reader,
+                "answers": answers,
+            }
+        )
+    )
+    return path
+
+
+def read_csv(path) -> list:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_random_reader_is_at_chance_a_perfect_one_is_detected_and_csv_holds_every_reading(session, tmp_path):
+    """R1 answers by a seeded coin, R2 knows the key, each in an own random order: R1's score must be
+    consistent with chance (its p-value large, its interval around 1/2), R2's far from it. The CSV beside
+    the JSON holds every reading as answered and the JSON's per-reader statistics."""
+    out, truth = session["dir"], session["key"]["truth"]
+    rng = np.random.default_rng(11)
+    flip = {"real": "synthetic", "synthetic": "real"}
+    coin = [
+        (image, truth[image] if rng.random() < 0.5 else flip[truth[image]], int(rng.integers(1, 6)))
+        for image in rng.permutation(sorted(truth))
+    ]
+    perfect = [(image, truth[image], 5) for image in rng.permutation(sorted(truth))]
+    files = [
+        answer_file(tmp_path / f"answers-{r}.json", session["key"], r, rows)
+        for r, rows in (("R1", coin), ("R2", perfect))
+    ]
+    scores_path = tmp_path / "scores.json"
+    run_hpcgan("turing-test", "score", out, *files, "--out", scores_path, check=True)
+    scores = json.loads(scores_path.read_text())
+    right = sum(truth[image] == answer for image, answer, _ in coin)
+    r1, r2 = scores["readers"]["R1"], scores["readers"]["R2"]
+    assert (r1["n"], r1["correct"]) == (NUM, right) and r1["p_value"] == binomial_test(right, NUM)
+    assert r1["p_value"] > 0.05 and r1["ci95"][0] < 0.5 < r1["ci95"][1]
+    assert (r2["correct"], r2["sensitivity"], r2["specificity"]) == (NUM, 1.0, 1.0)
+    assert r2["p_value"] < 1e-6 and r2["ci95"][0] > 0.9
+
+    readings = read_csv(tmp_path / "scores.readings.csv")
+    assert [(r["reader"], r["position"], r["image"], r["answer"], r["confidence"]) for r in readings] == [
+        (reader, str(i), image, answer, str(c))
+        for reader, rows in (("R1", coin), ("R2", perfect))
+        for i, (image, answer, c) in enumerate(rows, 1)
+    ]
+    assert all(
+        r["truth"] == truth[r["image"]] and r["correct"] == str(int(r["truth"] == r["answer"])) for r in readings
+    )
+    readers = read_csv(tmp_path / "scores.readers.csv")
+    assert [r["reader"] for r in readers] == ["R1", "R2", "pooled"]
+    for row, stats in zip(readers, (r1, r2, scores["pooled"])):
+        assert (int(row["n"]), int(row["correct"])) == (stats["n"], stats["correct"])
+        for column in ("accuracy", "p_value", "sensitivity", "specificity"):
+            assert float(row[column]) == pytest.approx(stats[column], rel=1e-12, abs=1e-300), column
+        assert (float(row["ci95_low"]), float(row["ci95_high"])) == pytest.approx(stats["ci95"])
+        assert float(row["accuracy_confidence_5"]) == pytest.approx(stats["by_confidence"]["5"]["accuracy"])
+        assert float(row["fleiss_kappa"]) == pytest.approx(scores["fleiss_kappa"]["value"])
+    assert readers[2]["complete"] == "" and readers[0]["complete"] == "1"

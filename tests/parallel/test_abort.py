@@ -6,14 +6,11 @@ only under --debug. (test_train.test_a_dead_rank_ends_the_job covers a rank kill
 only mpirun sees.)"""
 
 import shutil
-import subprocess
-import threading
-import time
 
 import h5py
 import pytest
 
-from conftest import hpcgan_cmd, kill_job, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan
+from conftest import hpcgan_cmd, mpirun_cmd, requires_mpirun, run_hpcgan, run_until_marker
 from hpcgan.data import RankSampler, SliceDataset
 from hpcgan.io import read_jsonl
 from test_train import train_args
@@ -71,33 +68,6 @@ def damaged_copy(dataset, tmp_path, rank):
     return copy, name, row
 
 
-def run_until_it_ends(cmd, timeout=120):
-    """(exit code, output lines, seconds from the first error line to the end of the job)."""
-    proc = subprocess.Popen(
-        cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines, error_at = [], []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if "hpcgan train: error" in line and not error_at:
-                error_at.append(time.monotonic())
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_job(proc.pid)
-        proc.wait()
-        pytest.fail("the job did not end:\n" + "\n".join(lines[-40:]))
-    ended = time.monotonic()
-    reader.join(timeout=10)
-    assert error_at, "no error line:\n" + "\n".join(lines[-40:])
-    return proc.returncode, lines, ended - error_at[0]
-
-
 # Four of the eight combinations, each pair of (backend, failing rank, --debug) once: the three are
 # independent (the backend decides how the other rank's collective fails, the rank whether the
 # coordinator is the one that fails, --debug only what the failing rank prints), and each launch
@@ -119,7 +89,7 @@ def test_an_exception_on_one_rank_ends_the_job_with_one_error_line(gzip_dataset,
     cmd = mpirun_cmd(WORLD) + hpcgan_cmd(
         *train_args(dataset, run, 100, "loss.type=hinge"), "--backend", backend, *(["--debug"] if debug else [])
     )
-    code, lines, seconds = run_until_it_ends(cmd)
+    code, lines, seconds = run_until_marker(cmd, "hpcgan train: error")
     output = "\n".join(lines)
     assert code != 0, output[-3000:]
     assert seconds < 30, f"the job ended {seconds:.0f} s after the error line"

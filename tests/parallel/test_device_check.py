@@ -1,13 +1,16 @@
 """GPU readiness that a CPU machine can show: the world check on the training device (its watchdog;
-`hpcgan doctor`'s report of it is in test_doctor.py), fp16 gradient compression divided before the sum on both backends,
-the collective timeout, and train.amp refused where the device cannot run it."""
+`hpcgan doctor`'s report of it is in test_doctor.py), the SyncBatchNorm check's batches and its verdict on
+unsynchronised statistics, fp16 gradient compression divided before the sum on both backends, the collective
+timeout, and train.amp refused where the device cannot run it."""
 
 import time
 
 import pytest
 import torch
 
-from hpcgan.errors import UsageError
+from hpcgan.errors import HpcganError, UsageError
+from hpcgan.parallel.backend import Backend
+from hpcgan.parallel.device_check import check_sync_bn_stats, sync_batchnorm_forward, sync_bn_batch, synced_bn_stats
 from hpcgan.training.checks import check_amp, load_train_config
 
 from conftest import REPO, requires_mpirun, run_python_mpi
@@ -40,6 +43,35 @@ def test_a_stalled_device_check_ends_the_job_in_seconds_with_a_line(backend, tmp
     assert time.monotonic() - start < 40  # not rank 1's 60 s sleep, nor a collective timeout
     line = f"error: device check: {backend} allreduce/broadcast on cpu did not finish within 3 s on rank 0"
     assert line in result.stderr, result.stderr[-3000:]
+
+
+def own_bn_stats(rank):
+    """A plain BatchNorm's running statistics after one forward of rank `rank`'s batch (momentum 1)."""
+    bn = torch.nn.BatchNorm2d(2, momentum=1.0).train()
+    bn(sync_bn_batch(rank))
+    return bn.running_mean, bn.running_var
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 7, 64])
+def test_sync_bn_batches_have_statistics_that_no_rank_has_alone(world):
+    mean, var = synced_bn_stats(world)
+    n = 32 * world  # values per channel: 2 images x 16 pixels per rank
+    assert mean.tolist() == pytest.approx([(world - 1) / 2] * 2)  # by hand: ranks' means 0..world-1, spread 1 each
+    assert var.tolist() == pytest.approx([(1 + (world**2 - 1) / 12) * n / (n - 1)] * 2, rel=1e-5)
+    check_sync_bn_stats(mean, var, 0, world, "cuda:0")  # the synchronised statistics pass...
+    for rank in range(world):  # ...and every rank's own fail, the middle rank of an odd world included
+        with pytest.raises(HpcganError, match=f"on rank {rank}, expected .* over {world} ranks.*not synchronised"):
+            check_sync_bn_stats(*own_bn_stats(rank), rank, world, "cuda:0")
+
+
+def test_the_sync_batchnorm_forward_fails_when_statistics_are_not_synchronised():
+    """The check's forward with a layer that keeps each rank's own statistics (what the one-process
+    backend's convert_sync_batchnorm gives) on ranks 0 and 1 of 2: both refuse; alone it passes."""
+    backend = Backend(device="cpu")
+    sync_batchnorm_forward(backend, torch.device("cpu"), 0, 1)
+    for rank in (0, 1):
+        with pytest.raises(HpcganError, match=f"SyncBatchNorm on cpu gave a batch mean {rank:g} .* on rank {rank}"):
+            sync_batchnorm_forward(backend, torch.device("cpu"), rank, 2)
 
 
 @pytest.mark.mpi

@@ -327,10 +327,11 @@ def pipeline_submissions(tmp_path, **variables):
 def test_pipeline_gives_gpu_ranks_four_cores_by_default(tmp_path):
     code, err, jobs = pipeline_submissions(tmp_path, HPCGAN_GPUS_PER_NODE=4)
     assert code == 0, err
-    for script in ("train.sbatch", "sample.sbatch"):
+    for script in ("train.sbatch", "sample.sbatch", "evaluate.sbatch"):
         assert "--cpus-per-task=4" in jobs[script].split(), jobs[script]
-    assert "--gpus-per-node=4" in jobs["train.sbatch"].split() and "--gpus-per-task=1" in jobs["sample.sbatch"]
-    assert "--cpus-per-task" not in jobs["evaluate.sbatch"]
+    assert "--gpus-per-node=4" in jobs["train.sbatch"].split()
+    # sample and evaluate (its segmentation task trains U-Nets) take one GPU each.
+    assert all("--gpus-per-task=1" in jobs[s] for s in ("sample.sbatch", "evaluate.sbatch")), jobs
 
 
 def test_pipeline_cores_per_rank_are_configurable(tmp_path):

@@ -107,6 +107,8 @@ def test_help_lists_every_option():
         "--skip-bad",
         "--overwrite",
         "--volume-index",
+        "--test-fraction",
+        "--nan-as-background",
         "--config",
     ):
         assert flag in result.stdout
@@ -421,8 +423,12 @@ BAD_SUBJECT = {  # how the mni152 subject is broken → words of the one-line er
     "2d": (_two_d, "mni152_t1.nii.gz: a 2-D image"),
     "4d": (_four_d, "mni152_t1.nii.gz: a 4-D image with 2 volumes; pick one with --volume-index"),
     "all-zero": (_all_zero, "mni152_t1.nii.gz: all voxels are zero"),
-    "nan": (_one_voxel(np.nan), "mni152_t1.nii.gz: contains NaN or Inf"),
-    "inf": (_one_voxel(np.inf), "mni152_t1.nii.gz: contains NaN or Inf"),
+    "nan": (
+        _one_voxel(np.nan),
+        "mni152_t1.nii.gz: contains NaN voxels (1; outside a resampled field of view? "
+        "--nan-as-background makes them background)",
+    ),
+    "inf": (_one_voxel(np.inf), "mni152_t1.nii.gz: contains Inf voxels"),
     "shape": (_other_shape, "subject mni152: seg has shape 193x233x189 but t1 has 197x233x189"),
     "affine": (_other_affine, "subject mni152: seg and t1 have different affines"),
     "missing": (_missing, "subject mni152: missing modality seg"),

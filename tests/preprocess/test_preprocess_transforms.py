@@ -171,3 +171,16 @@ def test_replicate_channels():
     images = np.random.default_rng(2).random((2, 1, 4, 4)).astype(np.float32)
     out = T.replicate_channels(images, 3)
     assert out.shape == (2, 3, 4, 4) and all((out[:, c] == images[:, 0]).all() for c in range(3))
+
+
+def test_nan_becomes_the_background_of_the_normalisation_that_follows():
+    volume = np.array([[np.nan, 3.0], [-2.0, 0.0]], dtype=np.float32)
+    volume.flags.writeable = False  # as voxels read in place from a file are
+    mri = T.nan_to_background(volume)  # zero is MRI's background (left out of the percentiles, mapped to -1)
+    ct = T.nan_to_background(volume, zero_is_background=False)  # CT: the lowest value (air), below any window
+    assert mri.tolist() == [[0.0, 3.0], [-2.0, 0.0]] and ct.tolist() == [[-2.0, 3.0], [-2.0, 0.0]]
+    assert mri.dtype == ct.dtype == np.float32 and np.isnan(volume[0, 0])  # the input is left alone
+    assert T.normalise(mri, 1.0, 3.0, True)[0, 0] == -1.0 and T.normalise(ct, 1.0, 3.0, False)[0, 0] == -1.0
+    finite, labels = np.ones((2, 2), np.float32), np.ones((2, 2), np.uint8)
+    assert T.nan_to_background(finite) is finite and T.nan_to_background(labels) is labels
+    assert T.nan_to_background(np.full(3, np.nan), zero_is_background=False).tolist() == [0.0] * 3

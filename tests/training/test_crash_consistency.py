@@ -5,14 +5,16 @@ crafted state of a kill mid-append and mid-checkpoint on one process, and a real
 2-rank job (mpirun and both ranks) mid-training."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import hpcgan_cmd, kill_job, mpi_env, mpirun_cmd, requires_mpirun, run_hpcgan, run_hpcgan_mpi
+from conftest import hpcgan_cmd, kill_job, mpi_env, mpirun_cmd, requires_mpirun, run_cmd, run_hpcgan, run_hpcgan_mpi
 from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint
 from hpcgan.io import read_jsonl
 from hpcgan.runs import last_evaluation, read_metrics
@@ -106,3 +108,46 @@ def test_sigkill_of_a_two_rank_job_then_resume(sample_dataset, tmp_path):
     assert differences(load_ckpt(killed), load_ckpt(reference)) == []
     assert metrics_lines(killed) == metrics_lines(reference)
     assert tensorboard_scalars(killed, "train/loss_d") == tensorboard_scalars(reference, "train/loss_d")
+
+
+# Runs `hpcgan` with os.fsync and os.replace observed: each fsync'd path (with the metrics.jsonl lines on
+# disk at that moment) and each rename's target, in order, one JSON line each, in $FSYNC_LOG.
+OBSERVED_HPCGAN = """
+import json, os, sys, threading
+from hpcgan.cli import main
+log, lock, fsync, replace = open(os.environ["FSYNC_LOG"], "a"), threading.Lock(), os.fsync, os.replace
+def note(**event):
+    with lock:
+        log.write(json.dumps(event) + "\\n"); log.flush()
+def observed_fsync(fd):
+    fsync(fd)
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    lines = open(path).read().splitlines() if path.endswith("metrics.jsonl") else None
+    note(fsync=path, lines=lines)
+def observed_replace(src, dst):
+    replace(src, dst)
+    note(replace=os.path.abspath(dst))
+os.fsync, os.replace = observed_fsync, observed_replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_metrics_are_durable_before_the_checkpoint_that_describes_them(sample_dataset, tmp_path):
+    """Every checkpoint of a real run is renamed into place only after metrics.jsonl, holding every line of
+    the checkpoint's step and before, and the run directory (its entry) were fsynced: a crash just after
+    the rename cannot leave a log that lacks them. Fails where metrics.jsonl is never fsynced."""
+    run, events_log = tmp_path / "run", tmp_path / "events.jsonl"
+    args = train_args(sample_dataset, run, 4, "checkpoint.every_steps=2", "eval.every_steps=2")
+    cmd = [sys.executable, "-c", OBSERVED_HPCGAN, *map(str, args)]
+    run_cmd(cmd, env=mpi_env({"FSYNC_LOG": str(events_log)}), check=True)
+    events = read_jsonl(events_log)
+    final_lines = (run / "metrics.jsonl").read_text().splitlines()
+    renamed = [(i, e["replace"]) for i, e in enumerate(events) if e.get("replace", "").endswith(".pt")]
+    assert [os.path.basename(path) for _, path in renamed] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    for at, path in renamed:
+        step = load_checkpoint(path)["step"]
+        described = [line for line in final_lines if json.loads(line)["step"] <= step]
+        synced = [i for i, e in enumerate(events[:at]) if e.get("fsync") == str(run / "metrics.jsonl")]
+        assert synced, f"metrics.jsonl was not fsynced before {path} was renamed into place"
+        assert events[synced[-1]]["lines"][: len(described)] == described, "lines of the step were not on disk"
+        assert any(e.get("fsync") == str(run) for e in events[synced[-1] : at]), "the run directory was not fsynced"

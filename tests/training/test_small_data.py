@@ -166,6 +166,21 @@ def test_report_and_sweep_summary_show_the_selected_checkpoint(memorised_run, tm
     assert lines[2].split()[:3] == ["-", "none-passed", "no"] and "(none passed)" in lines[2]
 
 
+def test_sampling_the_run_directory_uses_the_guarded_best(memorised_run, tmp_path):
+    """The run stopped on memorisation, so its newest checkpoint is one the guard rejected: `sample
+    --checkpoint RUN` takes checkpoints/best and says so; RUN/checkpoints/latest takes the newest."""
+    run, _ = memorised_run
+    best_step = int((run / "checkpoints" / "best").read_text().strip()[5:13])
+    latest_step = int((run / "checkpoints" / "latest").read_text().strip()[5:13])
+    assert best_step < latest_step
+    common = ["sample", "--num-stacks", 1, "--stack-size", 4, "--format", "h5"]
+    result = run_hpcgan(*common, "--checkpoint", run, "--out", tmp_path / "best", check=True)
+    assert json.loads((tmp_path / "best" / "index.json").read_text())["step"] == best_step
+    assert f"step {best_step}: best swd" in result.stderr and f"<= guard {GUARD:g}" in result.stderr
+    run_hpcgan(*common, "--checkpoint", run / "checkpoints" / "latest", "--out", tmp_path / "latest", check=True)
+    assert json.loads((tmp_path / "latest" / "index.json").read_text())["step"] == latest_step
+
+
 @pytest.mark.mpi
 @requires_mpirun
 def test_two_ranks_stop_together_on_memorization(flipped_val_dataset, tmp_path):

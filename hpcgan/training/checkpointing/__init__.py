@@ -19,7 +19,8 @@ A checkpoint directory holds:
                      checkpoint.max_memorization, best is absent while no evaluated checkpoint passes the guard
 
 The modules:
-  files    format, index, pointers, best_entry and the memorisation guard, find_latest_valid, resolve, load
+  files    format, index, pointers, best_entry and the memorisation guard, find_latest_valid, resolve (the
+           newest, for --resume), select_checkpoint (the run's selection, for everything downstream), load
   writer   CheckpointWriter (rank 0, background, atomic, keep-K + best) and to_host
   manager  Checkpointer: save, and load for --resume, --init-from and rollback (rank 0 reads, all receive)"""
 
@@ -37,7 +38,11 @@ from hpcgan.training.checkpointing.files import (
     peek_checkpoint,
     read_index,
     read_pointer,
+    read_run_config,
     resolve_checkpoint,
+    run_selection,
+    select_checkpoint,
+    selection_reason,
 )
 from hpcgan.training.checkpointing.manager import Checkpointer
 from hpcgan.training.checkpointing.writer import CheckpointWriter, to_host
@@ -56,7 +61,11 @@ __all__ = [
     "peek_checkpoint",
     "read_index",
     "read_pointer",
+    "read_run_config",
     "resolve_checkpoint",
+    "run_selection",
+    "select_checkpoint",
+    "selection_reason",
     "Checkpointer",
     "CheckpointWriter",
     "to_host",

@@ -15,6 +15,7 @@ from hpcgan.metrics import METRICS
 from hpcgan.training.checkpointing.files import CHECKPOINTS_DIR, find_latest_valid, load_checkpoint
 from hpcgan.training.checkpointing.writer import CheckpointWriter
 from hpcgan.training.config import MODEL_SECTIONS
+from hpcgan.training.run_directory import METRICS_FILE
 
 log = get_logger("checkpoint")
 
@@ -42,7 +43,8 @@ class Checkpointer:
 
     def __init__(self, cfg, group, run_dir, manifest: dict):
         self.cfg, self.group = cfg, group
-        self.directory = Path(run_dir) / CHECKPOINTS_DIR
+        self.run_dir = Path(run_dir)
+        self.directory = self.run_dir / CHECKPOINTS_DIR
         self.dataset = dataset_info(manifest)
         self.init_from = None
         self.writer = self._writer() if group.is_root else None
@@ -57,6 +59,7 @@ class Checkpointer:
             best_metric=ck.best_metric if evaluated else None,
             best_mode="max" if higher_is_better else "min",
             max_memorization=ck.max_memorization if evaluated else None,
+            describes=(self.run_dir / METRICS_FILE,),
         )
 
     # --- saving ---------------------------------------------------------------------------------------

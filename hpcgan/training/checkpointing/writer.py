@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from hpcgan.errors import HpcganError, UsageError
-from hpcgan.io import atomic_path, is_disk_full, remove_temp_files, write_bytes_atomic, write_json_atomic
+from hpcgan.io import (
+    atomic_path,
+    fsync_file,
+    is_disk_full,
+    remove_temp_files,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from hpcgan.log import get_logger
 from hpcgan.training.checkpointing.files import (
     CHECKPOINT_FORMAT,
@@ -95,7 +102,10 @@ class CheckpointWriter:
     changing its tensors as soon as it returns) and starts the write; `flush` waits for it and
     raises its error, if any. Keeps the last `keep_last` checkpoints plus the best one by
     `best_metric` (lower is better with best_mode="min", higher with "max"), among the checkpoints
-    whose memorization is at most `max_memorization` when that is given (no `best` file while none is)."""
+    whose memorization is at most `max_memorization` when that is given (no `best` file while none is).
+    `describes`: files the checkpoints describe (the run's metrics.jsonl, appended by the training thread
+    before `submit`), fsynced with their directory before each checkpoint is renamed into place: a crash
+    just after the rename never leaves a log that lacks the lines of the checkpoint's step."""
 
     def __init__(
         self,
@@ -104,6 +114,7 @@ class CheckpointWriter:
         best_metric: str | None = None,
         best_mode: str = "min",
         max_memorization: float | None = None,
+        describes: tuple = (),
     ):
         if keep_last < 1:
             raise UsageError(f"checkpoint keep_last: must be >= 1, got {keep_last}")
@@ -115,6 +126,7 @@ class CheckpointWriter:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.max_memorization = max_memorization or None
+        self.describes = tuple(describes)
         self.entries = read_index(self.directory)  # a resumed run continues the same index
         self._thread = None
         self._error = None
@@ -187,6 +199,8 @@ class CheckpointWriter:
             out = _HashingFile(f)
             torch.save(host, out)
             f.flush()
+            for described in self.describes:  # on disk before the rename below makes this checkpoint visible
+                fsync_file(described)
         entry = {"file": name, "step": step, "sha256": out.sha256.hexdigest(), "metrics": metrics}
         # Entries past `step` belong to a future this run abandoned (resumed from an older one).
         entries = [e for e in self.entries if e.get("step", -1) < step] + [entry]
