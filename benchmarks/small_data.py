@@ -16,7 +16,7 @@ right: other slices than any the selection saw, though not another person's anat
 within 2x of its held-out baseline while SWD is within 2x of the real-vs-real baseline. Every process runs
 one thread (OMP_NUM_THREADS=1), so 2 ranks need 2 free cores.
 
-  .venv/bin/python benchmarks/small_data.py             # 1500 steps per arm (about 25 minutes on 2 cores)
+  .venv/bin/python benchmarks/small_data.py             # 1500 steps per arm (10-20 minutes on 2 cores)
   .venv/bin/python benchmarks/small_data.py --quick     # 100 steps per arm (a smoke run, a few minutes)
   .venv/bin/python benchmarks/small_data.py --steps 3000 --eval-every 250
 """
