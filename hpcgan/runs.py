@@ -54,9 +54,10 @@ def read_json_object(path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def evaluation_result(path, metric) -> tuple | None:
-    """The metric's result in an evaluation.json, or None (no file, not readable, not measured)."""
-    results = read_json_object(path).get("metrics")
+def evaluation_result(evaluation: dict, metric) -> tuple | None:
+    """The metric's result in an evaluation.json read by read_json_object, or None ({}: no file or not
+    readable; not measured)."""
+    results = evaluation.get("metrics")
     if not isinstance(results, dict):
         return None
     value = metric_value(results.get(metric))

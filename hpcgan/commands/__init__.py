@@ -7,6 +7,14 @@ import argparse
 from hpcgan.io import GROUP_READABLE_ENV
 
 
+# --checkpoint of the commands that read a run's results (sample, evaluate, turing-test make):
+# hpcgan.training.checkpointing.select_checkpoint.
+CHECKPOINT_HELP = (
+    "a checkpoint file, or a run directory: its selected checkpoint (checkpoints/best, honouring the "
+    "memorisation guard); RUN/checkpoints/latest for the newest"
+)
+
+
 def common_flags(top: bool) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name (and after a sub-action's, as in
     `turing-test make`). Below the top level they default to "absent", so that `hpcgan --debug COMMAND`

@@ -34,6 +34,7 @@ set, the images its evaluation during training scored (hpcgan.generation). The J
 
 import os
 
+from hpcgan.commands import CHECKPOINT_HELP
 from hpcgan.data import read_slices
 from hpcgan.errors import UsageError
 from hpcgan.generation import checkpoint_images
@@ -62,8 +63,7 @@ def add_arguments(parser):
     source.add_argument(
         "--checkpoint",
         metavar="CKPT",
-        help="checkpoint file, or a run directory: its selected checkpoint (checkpoints/best, honouring the "
-        "memorisation guard); RUN/checkpoints/latest for the newest",
+        help=CHECKPOINT_HELP,
     )
     parser.add_argument(
         "--num-images",

@@ -32,6 +32,7 @@ import argparse
 import numpy as np
 import torch
 
+from hpcgan.commands import CHECKPOINT_HELP
 from hpcgan.errors import UsageError
 from hpcgan.generation import class_labels, generate_images, load_generator, run_seed
 from hpcgan.io import check_writable_dir, sha256_file, write_json_atomic
@@ -54,8 +55,7 @@ def add_arguments(parser):
         "--checkpoint",
         required=True,
         metavar="CKPT",
-        help="checkpoint file, or a run directory: its selected checkpoint (checkpoints/best, honouring the "
-        "memorisation guard); RUN/checkpoints/latest for the newest",
+        help=CHECKPOINT_HELP,
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     parser.add_argument("--num-stacks", type=int, default=1, metavar="K", help="number of stacks (default 1)")

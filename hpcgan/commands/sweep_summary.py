@@ -18,13 +18,11 @@ the held-out split of each evaluation.json result (val or test; training-time ev
 The columns after those are the config keys whose values differ between the runs (from each RUN_DIR/config.yaml):
 the swept hyper-parameters."""
 
-import csv
-import io
 import json
 import os
 
 from hpcgan.errors import UsageError
-from hpcgan.io import write_bytes_atomic
+from hpcgan.io import write_csv_atomic
 from hpcgan.metrics import MASK_ROWS, check_metric_names, higher_is_better
 from hpcgan.runs import evaluation_result, last_evaluation, read_json_object, selected_result
 from hpcgan.training.checkpointing import read_run_config, run_selection
@@ -62,11 +60,10 @@ def run_result(run_dir, metric) -> tuple:
     if selection and selection["guard"]:
         passed = f"passed at step {selection['step']}" if selection["file"] else "(none passed)"
         guard = f"<= {selection['guard']:g} {passed}"
-    path = os.path.join(run_dir, "evaluation.json")
-    evaluation = read_json_object(path)
+    evaluation = read_json_object(os.path.join(run_dir, "evaluation.json"))
     scored = (evaluation.get("generated") or {}).get("checkpoint_sha256")
     if selection is None or (selection["file"] and scored == selection["sha256"]):
-        found = evaluation_result(path, metric)
+        found = evaluation_result(evaluation, metric)
         if found:
             return found, evaluation.get("split", "val"), guard
     if selection is not None:
@@ -141,7 +138,5 @@ def run(args):
     header, rows = summarise(args.runs, args.metric)
     print(format_rows(header, rows))
     if args.csv:
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows([header, *rows])
-        write_bytes_atomic(args.csv, text.getvalue().encode())
+        write_csv_atomic(args.csv, header, rows)
     return 0

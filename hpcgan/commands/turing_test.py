@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from hpcgan.commands import common_flags
+from hpcgan.commands import CHECKPOINT_HELP, common_flags
 from hpcgan.data import read_slices
 from hpcgan.generation import checkpoint_images
 from hpcgan.preprocess.manifest import load_manifest
@@ -69,8 +69,7 @@ def add_arguments(parser):
     synthetic.add_argument(
         "--checkpoint",
         metavar="CKPT",
-        help="generate the images instead: a checkpoint file, or a run directory (its selected checkpoint, "
-        "checkpoints/best, honouring the memorisation guard; RUN/checkpoints/latest for the newest)",
+        help="generate the images instead, from " + CHECKPOINT_HELP,
     )
     make.add_argument("--out", required=True, metavar="SESSION_DIR", help="the session folder (new or empty)")
     make.add_argument("--num", type=int, default=100, metavar="N", help="images in the session (default 100)")
