@@ -33,8 +33,9 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests/cluster/test_shell_scripts.py
 
+# `make demo QUICK=1`: the same demo stopped at step 300 (about a minute); a later `make demo` continues it.
 demo: setup
-	@bash scripts/demo.sh
+	@HPCGAN_DEMO_QUICK=$(QUICK) bash scripts/demo.sh
 
 bench: setup
 	@for b in $(filter-out benchmarks/harness.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -15,6 +15,7 @@ import re
 
 from hpcgan.io import read_json, read_jsonl
 from hpcgan.stacks import read_stack_attrs
+from hpcgan.training.run_directory import RUN_FILE
 
 
 def read_metrics(path) -> tuple:
@@ -88,6 +89,34 @@ def samples_provenance(samples_dir) -> dict:
         "checkpoint_sha256": str(index["checkpoint_sha256"]) if index.get("checkpoint_sha256") else None,
         "step": int(step) if step is not None else None,
     }
+
+
+def run_title(run_dir) -> str:
+    """The run's folder name, config and dataset (run.json), e.g. "run: wgan-gp-64 (6 overrides) on dataset
+    tissue-64 (t1, 64x64; train: 1 subject, 48 slices; val: 1 subject, 48 slices)"; only the folder's name for a
+    run without run.json (one trained before it was written)."""
+    title = os.path.basename(os.path.abspath(run_dir))
+    source = read_json_object(os.path.join(run_dir, RUN_FILE))
+    if not source.get("config"):
+        return title
+    overrides = len(source.get("overrides") or [])
+    title += f": {source['config']}" + (f" ({plural(overrides, 'override')})" if overrides else "")
+    dataset = source.get("dataset") or {}
+    if dataset.get("name"):
+        shape = "x".join(str(n) for n in (dataset.get("image_shape") or [])[1:])
+        what = [", ".join(dataset.get("modalities") or []), shape]
+        if dataset.get("mask_classes"):
+            what.append(f"{dataset['mask_classes']}-class masks")
+        splits = [
+            f"{split}: {plural(entry.get('subjects'), 'subject')}, {plural(entry.get('slices'), 'slice')}"
+            for split, entry in (dataset.get("splits") or {}).items()
+        ]
+        title += f" on dataset {dataset['name']} ({', '.join(w for w in what if w)}; {'; '.join(splits)})"
+    return title
+
+
+def plural(count, noun) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def read_env(run_dir) -> dict:

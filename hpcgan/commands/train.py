@@ -30,6 +30,7 @@ from hpcgan.training.checks import (
     load_train_config,
 )
 from hpcgan.training.loop import run_training
+from hpcgan.training.run_directory import run_source
 
 log = get_logger("train")
 
@@ -106,6 +107,7 @@ def run(args):
     resume_state = checkpointer.load_resume(resume)
     init_state = checkpointer.load_init(init_from, args.init_from_optimizer, resume_state)
     log.info("%s backend, %d process(es), device %s; %s", backend.name, backend.world_size, backend.device, checked)
-    code = run_training(cfg, args.data, backend, checkpointer, run_dir, resume_state, init_state)
+    source = run_source(args.config, args.set, args.data, manifest)
+    code = run_training(cfg, args.data, backend, checkpointer, run_dir, source, resume_state, init_state)
     backend.shutdown()
     return code

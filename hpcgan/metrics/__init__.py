@@ -19,19 +19,45 @@ class Metric:
     module: str
     higher_is_better: bool
     description: str
+    reading: str  # what the figure says, in plain words, for a reader new to the field (report, demo)
 
     def compute(self, fake, train, val, **kwargs) -> dict:
         return importlib.import_module(self.module).compute(fake, train, val, **kwargs)
 
 
 METRICS = {
-    "swd": Metric("hpcgan.metrics.swd", False, "sliced Wasserstein distance of Laplacian-pyramid patches, x1e3"),
-    "msssim": Metric("hpcgan.metrics.msssim", False, "mean MS-SSIM of random pairs (diversity; high = collapse)"),
-    "intensity": Metric("hpcgan.metrics.intensity", False, "W1 distance of foreground intensity histograms"),
-    "memorization": Metric(
-        "hpcgan.metrics.memorization", False, "fraction of images nearer a training image than 99% of validation images"
+    "swd": Metric(
+        "hpcgan.metrics.swd",
+        False,
+        "sliced Wasserstein distance of Laplacian-pyramid patches, x1e3",
+        "realism: how far the images' local structure (edges, textures, at several scales) is from real slices'",
     ),
-    "fid": Metric("hpcgan.metrics.fid", False, "Frechet distance of Inception features (offline weights only)"),
+    "msssim": Metric(
+        "hpcgan.metrics.msssim",
+        False,
+        "mean MS-SSIM of random pairs (diversity; high = collapse)",
+        "diversity: how alike random pairs of images are; far above the baseline, the model draws one image "
+        "again and again (mode collapse)",
+    ),
+    "intensity": Metric(
+        "hpcgan.metrics.intensity",
+        False,
+        "W1 distance of foreground intensity histograms",
+        "brightness: how far the histogram of tissue intensities is from the real one",
+    ),
+    "memorization": Metric(
+        "hpcgan.metrics.memorization",
+        False,
+        "fraction of images nearer a training image than 99% of validation images",
+        "copying: the share of images nearer a training slice than 99% of real unseen slices are; far above the "
+        "baseline, the model hands out copies of its training patients",
+    ),
+    "fid": Metric(
+        "hpcgan.metrics.fid",
+        False,
+        "Frechet distance of Inception features (offline weights only)",
+        "realism as an ImageNet network's features see it (from weights in a file you name)",
+    ),
 }
 DEFAULT_METRICS = ("swd", "msssim", "intensity", "memorization")
 # Rows `hpcgan evaluate` adds for a joint image + mask model, beside METRICS: name → higher is better.
@@ -98,15 +124,24 @@ def verdict(name: str, result: dict) -> str:
     compares with the real-versus-real baseline."""
     if result.get("verdict"):
         return result["verdict"]
-    value, baseline = result.get("value"), result.get("baseline")
-    if value is None:
+    if result.get("value") is None:
         return "unavailable"
-    if baseline is None or baseline <= 0:
+    ratio = baseline_ratio(name, result)
+    if ratio is None:
         return "no baseline"
+    return "like real data" if ratio <= 1.5 else f"{ratio:.1f}x worse than real"
+
+
+def baseline_ratio(name: str, result: dict) -> float | None:
+    """How many times worse than its real-vs-real baseline a result is (above 1 worse, whichever direction is
+    better); None without a value or a positive baseline."""
+    value, baseline = result.get("value"), result.get("baseline")
+    if value is None or baseline is None or baseline <= 0:
+        return None
     ratio = value / baseline
     if result.get("higher_is_better", name in METRICS and METRICS[name].higher_is_better):
         ratio = 1 / ratio if ratio > 0 else float("inf")
-    return "like real data" if ratio <= 1.5 else f"{ratio:.1f}x worse than real"
+    return ratio
 
 
 def format_table(results: dict) -> str:

@@ -6,7 +6,7 @@ import json
 import os
 
 from hpcgan.io import read_json
-from hpcgan.metrics import verdict
+from hpcgan.metrics import METRICS, verdict
 from hpcgan.pages import image, number, page, table
 from hpcgan.report.figures import (
     contact_sheet_figure,
@@ -17,7 +17,7 @@ from hpcgan.report.figures import (
     metric_figure,
     shown_samples_dir,
 )
-from hpcgan.runs import config_text, grid_steps, read_env, read_metrics, samples_provenance
+from hpcgan.runs import config_text, grid_steps, read_env, read_metrics, run_title, samples_provenance
 from hpcgan.training.checkpointing import run_selection, selection_reason
 from hpcgan.turing.scores import report_section as turing_test_section
 
@@ -137,11 +137,13 @@ def evaluation_section(evaluation, evaluation_dir, figures_dir, href) -> str:
             number(r.get("value")),
             number(r.get("baseline")),
             html.escape(verdict(n, r)),
+            html.escape(METRICS[n].reading if n in METRICS else ""),
         )
         for n, r in results.items()
         if isinstance(r, dict)
     ]
-    parts = [split_note(evaluation), table(["metric", "value", "real-vs-real baseline", "verdict"], rows)]
+    header = ["metric", "value", "real-vs-real baseline", "verdict", "what it says"]
+    parts = [split_note(evaluation), table(header, rows)]
     gen, real = evaluation.get("generated", {}), evaluation.get("real", {})
     held_out = "test" if split == "test" else "validation"
     parts.append(
@@ -211,8 +213,9 @@ def report_page(run_dir, figures_dir, href, samples_dir, evaluation_path, turing
     last = train[-1] if train else {}
     selected = run_selection(run_dir)
     shown = shown_samples_dir(samples_dir, run_dir)
+    title = run_title(run_dir)
     sections = [
-        f"<h1>Run {html.escape(os.path.basename(os.path.abspath(run_dir)))}</h1>",
+        f"<h1>Run {html.escape(title)}</h1>",
         f"<p>{len(train)} training log lines, last step {last.get('step', '-')}; {len(evals)} evaluations.</p>",
         figure(
             "Losses",
@@ -255,4 +258,4 @@ def report_page(run_dir, figures_dir, href, samples_dir, evaluation_path, turing
         "<h2>Environment</h2>",
         environment_section(env),
     ]
-    return page("hpcgan report", sections)
+    return page(f"hpcgan report: {title}", sections)

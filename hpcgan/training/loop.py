@@ -26,11 +26,11 @@ from hpcgan.training.steps import NONFINITE_KINDS, GanSteps, seed_rank
 log = get_logger("train")
 
 
-def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, resume_state=None, init_state=None) -> int:
+def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, source, resume_state=None, init_state=None) -> int:
     """Run `cfg.train.steps` steps (from a resumed state if given; a fresh run from `init_state`'s networks
     with --init-from). Returns 0 (also when train.stop_on_memorization ended it early), EXIT_REQUEUE when
     a preemption signal stopped the run after a checkpoint, or EXIT_NONFINITE when NaN/inf stopped it
-    (train.nonfinite)."""
+    (train.nonfinite). `source`: the run.json record (run_directory.run_source)."""
     tc, device = cfg.train, backend.device
     set_determinism(tc.deterministic, device, cfg.model.resize_mode)
     state, loader, sampler = start_state(cfg, dataset_dir, backend, resume_state, init_state)
@@ -38,7 +38,7 @@ def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, resume_state=
     batches = iter(loader)
 
     steps = GanSteps(cfg, state, backend)
-    run = RunDirectory(run_dir, cfg, backend.describe()) if backend.is_root else None
+    run = RunDirectory(run_dir, cfg, backend.describe(), source) if backend.is_root else None
     duty = (cfg, state, backend, run)
     handlers = [
         RunRecord(*duty, checkpointer=checkpointer),  # first: it trims the metrics.jsonl Evaluation.start reads

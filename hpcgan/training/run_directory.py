@@ -3,6 +3,8 @@ the handlers (hpcgan.training.handlers) write through one RunDirectory, made on 
 
 RUN_DIR/
   config.yaml        the resolved config (no dataset path: it is a command-line argument)
+  run.json           what the run was started from, for titles: the config's name and --set overrides, the
+                     dataset folder's name and what the manifest says of it (never a path or a subject)
   env.json           versions, backend, world size, devices
   metrics.jsonl      one JSON object per line: training {"step", "epoch", "time_s", "images_per_s",
                      "data_wait", "allreduce_wait" (fractions of wall time), "loss_d", "loss_g", ...};
@@ -29,12 +31,33 @@ from hpcgan.log import get_logger
 log = get_logger("train")
 
 METRICS_FILE = "metrics.jsonl"  # fsynced before each checkpoint that describes it is renamed into place
+RUN_FILE = "run.json"
+
+
+def run_source(config, overrides, dataset_dir, manifest: dict) -> dict:
+    """run.json: the config by its name (a shipped name, or the YAML file's stem) and its overrides, the dataset by
+    its folder's name, modalities, image shape, slices and subjects per split and fingerprint."""
+    return {
+        "config": Path(config).stem,
+        "overrides": list(overrides),
+        "dataset": {
+            "name": Path(os.path.abspath(dataset_dir)).name,
+            "fingerprint": manifest.get("fingerprint"),
+            "modalities": manifest.get("modalities"),
+            "image_shape": manifest.get("image_shape"),
+            "mask_classes": manifest.get("mask_classes"),
+            "splits": {
+                split: {"slices": entry.get("slices"), "subjects": entry.get("subjects")}
+                for split, entry in manifest.get("splits", {}).items()
+            },
+        },
+    }
 
 
 class RunDirectory:
-    def __init__(self, run_dir, cfg, backend_info: dict):
-        """Creates RUN_DIR and samples/, removes what an interrupted write left, writes config.yaml and
-        env.json."""
+    def __init__(self, run_dir, cfg, backend_info: dict, source: dict):
+        """Creates RUN_DIR and samples/, removes what an interrupted write left, writes config.yaml, run.json
+        (`source`, from run_source) and env.json."""
         self.path = Path(run_dir)
         self.samples = self.path / "samples"
         self.metrics_path = self.path / METRICS_FILE
@@ -43,6 +66,7 @@ class RunDirectory:
             for name in remove_temp_files(directory):
                 log.info("removed %s, left by an interrupted write", name)
         write_bytes_atomic(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        write_json_atomic(self.path / RUN_FILE, source)
         env = environment(backend_info)
         write_json_atomic(self.path / "env.json", env)
         log.info(

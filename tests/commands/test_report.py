@@ -13,6 +13,7 @@ from PIL import Image
 from hpcgan.cli import main
 from hpcgan.data import read_slices
 from hpcgan.stacks import contact_sheet, write_png, write_stack_h5
+from hpcgan.training.run_directory import run_source
 
 
 class Page(HTMLParser):
@@ -60,6 +61,9 @@ def run_dir(sample_dataset, tmp_path_factory):
     train, val = read_slices(sample_dataset, "train"), read_slices(sample_dataset, "val")
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(Config())))
     (run / "env.json").write_text(json.dumps({"torch": "2.13.0", "world_size": 2, "backend": "horovod"}))
+    manifest = json.loads((sample_dataset / "manifest.json").read_text())
+    source = run_source("configs/wgan-gp-64.yaml", ["train.steps=100"], sample_dataset, manifest)
+    (run / "run.json").write_text(json.dumps(source))
     lines = []
     for step in range(10, 110, 10):
         lines.append(
@@ -99,7 +103,7 @@ def run_dir(sample_dataset, tmp_path_factory):
     return run
 
 
-def test_report_references_only_existing_valid_pngs(run_dir, capsys):
+def test_report_references_only_existing_valid_pngs(run_dir, sample_dataset, capsys):
     assert main(["report", str(run_dir), "--samples", str(run_dir / "stacks")]) == 0
     html_path = run_dir / "report.html"
     page = parse(html_path)
@@ -109,6 +113,11 @@ def test_report_references_only_existing_valid_pngs(run_dir, capsys):
         assert f"report/{name}" in srcs
     assert page.headings[:4] == ["Losses", "Evaluation metrics", "Sample grids over time", "Last stack"]
     text = html_path.read_text()
+    # The title names the run folder, its config (by name) and its dataset (by its folder's name and contents).
+    splits = "train: 1 subject, 48 slices; val: 1 subject, 48 slices"
+    dataset = f"dataset {Path(sample_dataset).name} (t1, 64x64, 113-class masks; {splits})"  # seg's labels 0..112
+    assert f"<h1>Run run: wgan-gp-64 (1 override) on {dataset}</h1>" in text
+    assert "copying: the share of images nearer a training slice" in text  # each metric in plain words
     assert "Memorisation audit" in text and "<b>memorisation</b>" in text  # the copies are flagged
     assert "latent_dim" in text and "horovod" in text  # config and environment
     # The contact sheet is the stack's (20 images of 64² → 10 per row, 2 rows).
@@ -126,6 +135,7 @@ def test_report_elsewhere_and_of_a_bare_run(run_dir, tmp_path, capsys):
     assert main(["report", str(bare)]) == 0
     text = (bare / "report.html").read_text()
     assert "No training metrics yet" in text and "No evaluation" in text and "<img" not in text
+    assert "<h1>Run bare</h1>" in text  # no run.json (a run from before it was written): the folder's name
 
 
 def test_report_of_a_missing_run_is_exit_2(tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_resume_refuses_a_changed_model_and_accepts_safe_changes(sample_dataset,
     assert load_ckpt(run)["step"] == 4
 
 
-def test_resume_auto_starts_fresh_and_skips_a_corrupt_checkpoint(sample_dataset, tmp_path):
+def test_resume_auto_starts_fresh_skips_a_corrupt_checkpoint_and_ends_a_finished_run(sample_dataset, tmp_path):
     run = tmp_path / "run"
     run_hpcgan(*train_args(sample_dataset, run, 2, "checkpoint.every_steps=1"), "--resume", "auto", check=True)
     newest = run / "checkpoints" / "ckpt-00000002.pt"
@@ -155,6 +155,12 @@ def test_resume_auto_starts_fresh_and_skips_a_corrupt_checkpoint(sample_dataset,
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert load_ckpt(run)["step"] == 3
+    # Run again once finished (a second `make demo`): it ends at once, and the run stays as it was.
+    newest = run / "checkpoints" / "ckpt-00000003.pt"
+    before = (newest.read_bytes(), (run / "metrics.jsonl").read_text())
+    again = run_hpcgan(*train_args(sample_dataset, run, 3, "checkpoint.every_steps=1"), "--resume", "auto")
+    assert again.returncode == 0 and "run finished at step 3" in again.stderr, again.stderr
+    assert (newest.read_bytes(), (run / "metrics.jsonl").read_text()) == before
 
 
 def test_resume_from_an_explicit_checkpoint_path(sample_dataset, tmp_path):

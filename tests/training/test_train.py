@@ -136,6 +136,11 @@ def test_single_process_run_dir(sample_dataset, tmp_path):
     ckpt = load_ckpt(run)
     assert ckpt["step"] == 6 and ckpt["config"]["train"]["steps"] == 6 and len(ckpt["rng"]) == 1
     assert ckpt["dataset"]["image_shape"] == [1, 64, 64]
+    # run.json names the config and the dataset by their own names, never the dataset's location.
+    source = json.loads((run / "run.json").read_text())
+    assert source["config"] == "wgan-gp-64" and "log.tensorboard=true" in source["overrides"]
+    assert source["dataset"]["name"] == sample_dataset.name
+    assert source["dataset"]["splits"]["train"] == {"slices": 48, "subjects": 1}
     # Nothing in the run directory names the dataset's location.
     for path in run.rglob("*"):
         if path.is_file():
