@@ -15,7 +15,7 @@ import textwrap
 from hpcgan.io import read_json
 from hpcgan.metrics import METRICS, baseline_ratio, verdict
 from hpcgan.runs import metric_value, read_json_object, read_metrics
-from hpcgan.training.checkpointing import read_run_config
+from hpcgan.training.checkpointing import passes_memorization_guard, run_selection
 from hpcgan.training.run_directory import METRICS_FILE
 
 FULL_STEPS = 1500  # scripts/demo.sh without QUICK=1
@@ -90,13 +90,14 @@ def summary(demo_dir, steps: int) -> str:
 
 def guard_lines(run_dir) -> list:
     """What the memorisation guard kept out: the evaluations during training above checkpoint.max_memorization."""
-    guard = ((read_run_config(run_dir) or {}).get("checkpoint") or {}).get("max_memorization")
+    guard = (run_selection(run_dir) or {}).get("guard")
     if not guard:
         return []
     refused = [
         (entry["step"], value)
         for entry in read_metrics(os.path.join(run_dir, METRICS_FILE))[1]
-        if (value := metric_value(entry["eval"].get("memorization"))) is not None and value > guard
+        if (value := metric_value(entry["eval"].get("memorization"))) is not None
+        and not passes_memorization_guard({"memorization": value}, guard)
     ]
     if not refused:
         return [f"  No evaluation copied training slices beyond the guard ({guard:g}): every one could be selected."]

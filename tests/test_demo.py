@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import REPO, mpi_env, requires_mpirun, run_cmd
 from hpcgan.metrics import baseline_ratio
 from hpcgan.stacks import contact_sheet
-from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint, read_index, select_checkpoint
+from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint, run_selection
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow, requires_mpirun]
 
@@ -36,11 +36,6 @@ def run_demo(env, quick: bool):
 def words(text) -> str:
     """The demo's plain-words ending, unwrapped."""
     return " ".join(text.split())
-
-
-def selected_step(run_dir) -> int:
-    path, _ = select_checkpoint(run_dir)
-    return next(entry["step"] for entry in read_index(path.parent) if entry["file"] == path.name)
 
 
 def test_quick_demo_then_the_full_demo_reaches_the_promised_figures(tmp_path):
@@ -79,7 +74,7 @@ def test_quick_demo_then_the_full_demo_reaches_the_promised_figures(tmp_path):
     assert load_checkpoint(find_latest_valid(demo / "run" / "checkpoints"))["step"] == 1500
     # The samples and their evaluation come from the checkpoint the guard selected, and the figures are near real.
     index = json.loads((demo / "samples" / "index.json").read_text())
-    assert index["step"] == selected_step(demo / "run")
+    assert index["step"] == run_selection(demo / "run")["step"]
     assert "<= guard 0.04 (checkpoint.max_memorization)" in index["checkpoint_selection"]
     metrics = json.loads((demo / "samples" / "evaluation.json").read_text())["metrics"]
     for name in ("swd", "memorization"):
