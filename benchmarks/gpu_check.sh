@@ -12,7 +12,11 @@
 #    train.deterministic (the ops refused are those torch refuses), the joint model (model.mask_classes) with
 #    ADA through `sample` and `evaluate --task segmentation --device cuda`, the segmentation task on the GPU;
 #    with 2 GPUs also training on 2 ranks with SyncBatchNorm and the fp16 allreduce;
-# 4. img/s of the study model (256x256x3, batch 8) under `hpcgan train` against the bare loop, fp32 and bf16.
+# 4. img/s of the study model (256x256x3, batch 8) under `hpcgan train` against the bare loop, fp32 and bf16;
+# 5. the same for StyleGAN2 at 256x256x3 (configs/stylegan2-256.yaml, batch 8), fp32, bf16 (where the GPU has it)
+#    and fp16, against a bare loop of its whole recipe (lazy R1 and path-length steps included, timed in whole
+#    periods of them; benchmarks/bare_stylegan2.py). The reference reports about 41-46 img/s for its 256x256
+#    config on one V100 (stylegan2-ada-pytorch, paper256, fp16 in the top layers).
 #
 # What one GPU can prove: the CUDA kernels run (AMP, scalers, SyncBatchNorm's layer, deterministic mode, ADA,
 # the joint model, the segmentation task), NCCL starts, a resume is bit-exact on this GPU. What it cannot:
@@ -52,7 +56,9 @@ done
 step "CUDA tests (the joint model, ADA, the segmentation task; 2-rank tests with 2 GPUs)"
 timeout 900 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/parallel/test_gpu.py tests/models/test_models.py
 step "throughput of the study model on the GPU"
-timeout 300 "$PY" benchmarks/train.py --cuda
+timeout 300 "$PY" benchmarks/train.py --cuda --models cepa2023
+step "throughput of StyleGAN2 at 256x256x3 on the GPU (reference: about 41-46 img/s on one V100)"
+timeout 420 "$PY" benchmarks/train.py --cuda --models stylegan2-256
 step "summary"
 if [ "$GPUS" -ge 2 ]; then
   echo "gpu_check: $GPUS GPUs: ran the 1-GPU checks and the 2-rank checks (SyncBatchNorm synchronisation, fp16 allreduce division, NCCL between GPUs)"

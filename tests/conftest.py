@@ -191,6 +191,19 @@ def sample_dataset(sample_data, tmp_path_factory) -> Path:
     return out
 
 
+# Both sample brains in one 3-class label set (background, grey matter, white matter), for joint image + mask models.
+TISSUE = ["--modalities", "t1", "--mask", "tissue", "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64"]
+TISSUE += ["--val-fraction", "0.5", "--shards", "2", "--class-names", "background,grey-matter,white-matter"]
+
+
+@pytest.fixture(scope="session")
+def tissue_dataset(sample_data, tmp_path_factory):
+    """`hpcgan preprocess` of the sample data at 64x64 with the 3-class tissue mask (TISSUE)."""
+    out = tmp_path_factory.mktemp("tissue") / "dataset"
+    run_hpcgan("preprocess", "--input", sample_data, "--output", out, *TISSUE, check=True, timeout=300)
+    return out
+
+
 class TinyExtractor(torch.nn.Module):
     """Stands in for InceptionV3 to prove the FID/KID plumbing: (N, 3, 299, 299) → (N, 8) features."""
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_DATASET_OPTIONS, run_hpcgan
+from conftest import SAMPLE_DATASET_OPTIONS, TISSUE, run_hpcgan
 from test_train import train_args
 
 from hpcgan.data import SliceDataset, read_slices
@@ -28,8 +28,6 @@ from hpcgan.segmentation import (
 )
 from hpcgan.stacks import read_samples
 
-TISSUE = ["--modalities", "t1", "--mask", "tissue", "--slices", "60:108", "--min-brain-fraction", "0", "--size", "64"]
-TISSUE += ["--val-fraction", "0.5", "--shards", "2", "--class-names", "background,grey-matter,white-matter"]
 JOINT_STEPS = 200
 TASK_STEPS = 60
 TASK = ["--metrics", "swd", "--task", "segmentation", "--budget", str(TASK_STEPS)]
@@ -47,14 +45,6 @@ def assert_usage_error(result, *words):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def tissue_dataset(sample_data, tmp_path_factory):
-    """Both sample brains in one 3-class label set (background, grey matter, white matter)."""
-    out = tmp_path_factory.mktemp("tissue") / "dataset"
-    preprocess(sample_data, out, *TISSUE).check_returncode()
-    return out
 
 
 # A small DCGAN that draws brain-shaped slices with their tissue masks in 200 steps (about 1.5 min on 2 cores).

@@ -40,7 +40,8 @@ def add_arguments(parser):
         "--config",
         required=True,
         metavar="NAME_OR_YAML",
-        help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128) or a YAML file",
+        help="a shipped config (cepa2023, dcgan-64, wgan-gp-64, hinge-sn-128, stylegan2-64, stylegan2-256) "
+        "or a YAML file",
     )
     parser.add_argument("--data", required=True, metavar="DATASET_DIR", help="written by `hpcgan preprocess`")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created)")

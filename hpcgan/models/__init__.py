@@ -19,9 +19,9 @@ a shipped config (configs/), and its tests.
 
 from torch import nn
 
-from hpcgan.models import cepa2023, dcgan
+from hpcgan.models import cepa2023, dcgan, stylegan2
 
-FAMILIES = {"dcgan": dcgan, "cepa2023": cepa2023}
+FAMILIES = {"dcgan": dcgan, "cepa2023": cepa2023, "stylegan2": stylegan2}
 
 
 def family(arch: str):
@@ -40,3 +40,21 @@ def build_generator(cfg) -> nn.Module:
 def build_discriminator(cfg) -> nn.Module:
     """D(x: (N, channels [+ mask_classes], resolution, resolution), labels | None) -> (N,) raw scores."""
     return family(cfg.arch).Discriminator(cfg)
+
+
+def layer_summary(name: str, net: nn.Module, arch: str) -> list:
+    """Lines of a table of `net`'s layers (each module that holds parameters itself, with those of its own
+    sub-layers folded in) and their parameter counts, ending with the total: what a run prints at start."""
+    rows, owners = [], set()
+    for path, module in net.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if any(path.startswith(f"{owner}.") for owner in owners):
+            continue  # a sub-layer of a layer already listed (a modulated conv's affine)
+        owners.add(path)
+        rows.append((path, type(module).__name__, sum(p.numel() for p in module.parameters())))
+    width = max((len(path) for path, _, _ in rows), default=0)
+    lines = [f"  {path:<{width}}  {kind:<16} {count:>12,}" for path, kind, count in rows]
+    total = sum(p.numel() for p in net.parameters())
+    buffers = sum(b.numel() for b in net.buffers())
+    return [f"{name} ({arch}): {total:,} parameters, {buffers:,} buffer values", *lines]

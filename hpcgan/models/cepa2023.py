@@ -8,7 +8,7 @@ input noise before every layer (`d_input_noise`), and norm on every conv but the
 
 from torch import nn
 
-from hpcgan.models.dcgan import Discriminator, check_discriminator_layout, check_generator_widths
+from hpcgan.models.dcgan import Discriminator, check_discriminator_layout, check_foreign_keys, check_generator_widths
 from hpcgan.models.dcgan import Generator as DCGANGenerator
 from hpcgan.models.layers import network_channels, num_doublings
 
@@ -28,5 +28,6 @@ class Generator(DCGANGenerator):
 
 
 def check_config(cfg) -> None:
+    check_foreign_keys(cfg)
     check_generator_widths(cfg, Generator.num_feature_maps(cfg.resolution))
     check_discriminator_layout(cfg)

@@ -44,6 +44,14 @@ class ModelConfig:
     # one-hot channels after the image channels, and D judges the pair. See hpcgan.models.layers.joint_output.
     mask_classes: int = 0
     init_std: float = 0.02
+    # arch stylegan2 (hpcgan.models.stylegan2): a feature map of side s has min(channel_base / s, channel_max)
+    # channels; the mapping network's depth and learning-rate multiplier; minibatch-std group size (it must
+    # divide train.batch_size). The reference's defaults.
+    channel_base: int = 32768
+    channel_max: int = 512
+    mapping_layers: int = 8
+    mapping_lr_mul: float = 0.01
+    mbstd_group: int = 4
 
     def __post_init__(self):
         arch_family = family(self.arch)  # first: an unknown arch is the one error

@@ -16,6 +16,7 @@ from torch import nn
 
 from hpcgan.models.layers import (
     InputNoise,
+    changed_keys,
     init_weights_,
     joint_output,
     make_activation,
@@ -176,6 +177,17 @@ def check_discriminator_layout(cfg) -> None:
         )
 
 
+# StyleGAN2's keys (hpcgan.models.stylegan2), which mean nothing in this layout.
+STYLEGAN2_KEYS = "channel_base channel_max mapping_layers mapping_lr_mul mbstd_group".split()
+
+
+def check_foreign_keys(cfg) -> None:
+    changed = changed_keys(cfg, STYLEGAN2_KEYS)
+    if changed:
+        raise ValueError(f"model.{changed[0]}: applies to arch stylegan2 only, not {cfg.arch}")
+
+
 def check_config(cfg) -> None:
+    check_foreign_keys(cfg)
     check_generator_widths(cfg, Generator.num_feature_maps(cfg.resolution))
     check_discriminator_layout(cfg)

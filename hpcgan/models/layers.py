@@ -9,6 +9,7 @@ module can use them without importing hpcgan.models.config, which imports the re
 """
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -45,6 +46,17 @@ def split_joint(x, image_channels: int):
         return x, None
     images, scores = x[:, :image_channels], x[:, image_channels:]
     return images, scores.argmax(1) if isinstance(x, torch.Tensor) else scores.argmax(axis=1).astype(np.int64)
+
+
+def changed_keys(cfg, keys) -> list:
+    """Those of `keys` whose value in the config dataclass `cfg` is not the field's default: how a family
+    finds keys of another family's layout that a config sets (a checkpoint's config holds every key)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    defaults = {
+        k: fields[k].default if fields[k].default is not dataclasses.MISSING else fields[k].default_factory()
+        for k in keys
+    }
+    return [k for k in keys if getattr(cfg, k) != defaults[k]]
 
 
 def num_doublings(resolution: int) -> int:

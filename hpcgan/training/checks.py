@@ -14,7 +14,7 @@ from hpcgan.losses import check_loss_model
 from hpcgan.models import build_discriminator, build_generator
 from hpcgan.preprocess.manifest import load_manifest
 from hpcgan.training.checkpointing import CHECKPOINTS_DIR, peek_checkpoint, resolve_checkpoint
-from hpcgan.training.config import Config
+from hpcgan.training.config import Config, saved_section
 
 log = get_logger("train")
 
@@ -26,6 +26,7 @@ def load_train_config(config, overrides):
         check_loss_model(cfg.loss, cfg.model)
     except ValueError as exc:
         raise UsageError(f"{config}: {exc}") from None
+    check_style_batch(cfg, config)
     if cfg.eval.every_steps and cfg.checkpoint.best_metric not in cfg.eval.metrics:
         raise UsageError(
             f"{config}: checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not among "
@@ -39,6 +40,21 @@ def load_train_config(config, overrides):
     if cfg.train.stop_on_memorization and not cfg.checkpoint.max_memorization:
         raise UsageError(f"{config}: train.stop_on_memorization needs its threshold, checkpoint.max_memorization > 0")
     return cfg
+
+
+def check_style_batch(cfg, config):
+    """StyleGAN2: the minibatch-std groups and the path-length batch divide each rank's batch (so that a rank's
+    groups are those of its part of one process's batch)."""
+    batch = cfg.train.batch_size
+    if cfg.model.arch == "stylegan2" and batch % min(cfg.model.mbstd_group, batch):
+        raise UsageError(
+            f"{config}: model.mbstd_group {cfg.model.mbstd_group} does not divide train.batch_size {batch} (the "
+            "per-rank batch): choose a group size that divides it"
+        )
+    if cfg.loss.type == "stylegan2" and cfg.loss.pl_weight and batch % cfg.loss.pl_batch_shrink:
+        raise UsageError(
+            f"{config}: loss.pl_batch_shrink {cfg.loss.pl_batch_shrink} does not divide train.batch_size {batch}"
+        )
 
 
 def _on_cuda(device: str) -> bool:
@@ -159,7 +175,7 @@ def check_init_from(args, cfg) -> str | None:
 def model_differences(source: dict, cfg) -> tuple:
     """(model config keys that differ from the checkpoint's, the first network tensor whose name or shape
     differs, or None)."""
-    old, new = (source.get("config") or {}).get("model") or {}, to_dict(cfg)["model"]
+    old, new = saved_section(source.get("config"), "model"), to_dict(cfg)["model"]
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     with torch.device("meta"):  # shapes only, no memory
         nets = {"G": build_generator(cfg.model), "D": build_discriminator(cfg.model)}

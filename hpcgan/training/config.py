@@ -3,6 +3,7 @@
 A *step* is one discriminator update on one batch per rank; the generator is updated every
 `loss.n_critic` steps. `train.batch_size` is per rank (the reference study: 8 per GPU)."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +43,10 @@ class TrainConfig:
     batch_size: int = 8
     seed: int = 0
     ema_decay: float = 0.999  # exponential moving average of G's weights, used for sampling; 0 = off
+    # Instead of ema_decay: G-EMA with a half-life of this many thousand images over all ranks (StyleGAN2's
+    # ema_kimg), for at most ema_rampup x the images seen so far when that is > 0. 0 = use ema_decay.
+    ema_kimg: float = 0.0
+    ema_rampup: float = 0.0
     diffaugment: str = ""  # comma list of translation, cutout, color
     # ADA (Karras et al. 2020; hpcgan.augment): each op of ada_policy on each image D sees with probability p,
     # p steered by r_t = E[sign(D(real))] towards ada_target. 0 = off; 0.6 is the paper's value.
@@ -80,6 +85,10 @@ class TrainConfig:
     # on a small dataset memorisation rarely goes back down. 0 = off.
     stop_on_memorization: int = 0
 
+    @property
+    def uses_ema(self) -> bool:
+        return self.ema_decay > 0 or self.ema_kimg > 0
+
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps: must be >= 1, got {self.steps}")
@@ -87,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"train.batch_size: must be >= 1, got {self.batch_size}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        for key in ("ema_kimg", "ema_rampup"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers: must be >= 0, got {self.num_workers}")
         if not self.collective_timeout_s >= 60:
@@ -175,3 +187,10 @@ class Config:
 
 # Sections that define the networks and the objective: a checkpoint resumes only under the same ones.
 MODEL_SECTIONS = ("model", "loss")
+
+
+def saved_section(config: dict, section: str) -> dict:
+    """A checkpoint's config `section` with the defaults of keys added since it was written (so that a key
+    a newer hpcgan adds, at its default, is no change)."""
+    defaults = dataclasses.asdict(Config())[section]
+    return {**defaults, **((config or {}).get(section) or {})}

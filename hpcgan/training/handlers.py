@@ -22,6 +22,7 @@ from hpcgan.errors import EXIT_NONFINITE, EXIT_REQUEUE
 from hpcgan.generation import GRID_STREAM, draw_latents, generate_images, run_generator
 from hpcgan.log import get_logger
 from hpcgan.metrics import evaluate
+from hpcgan.models import layer_summary
 from hpcgan.models.layers import split_joint
 from hpcgan.progress import progress_bar
 from hpcgan.stacks import contact_sheet, write_png
@@ -76,6 +77,8 @@ class RunRecord(Handler):
         if not self.run:
             return
         step = self.state.position.step
+        for name, net in (("G", self.state.G), ("D", self.state.D)):
+            log.info("\n".join(layer_summary(name, net, self.cfg.model.arch)))
         self.run.trim_metrics(step)
         if self.cfg.log.tensorboard:
             self.run.open_tensorboard(step)
@@ -105,7 +108,7 @@ class TrainLog(Handler):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.sums, self.count, self.data_wait_s, self.sync_seconds = {}, 0, 0.0, 0.0
+        self.sums, self.counts, self.count, self.data_wait_s, self.sync_seconds = {}, {}, 0, 0.0, 0.0
         self.bar = None
 
     def start(self):
@@ -116,16 +119,17 @@ class TrainLog(Handler):
 
     def after_step(self, step, events):
         # Summed as tensors: no device-to-host copy (and no GPU sync) until a log line is due.
-        for k, v in events.stats.items():
+        for k, v in events.stats.items():  # a lazy regulariser's statistics come on its own steps only
             v = v.detach().float() if torch.is_tensor(v) else float(v)
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
         self.data_wait_s += events.data_wait_s
         if step % self.cfg.log.every_steps == 0 or events.done:
             self.write_line(step)
 
     def rolled_back(self, step, count, failed_step):
-        self.sums, self.count = {}, 0  # the abandoned steps' sums
+        self.sums, self.counts, self.count = {}, {}, 0  # the abandoned steps' sums
 
     def finish(self, exit_code):
         if exit_code == 0 and self.count:  # an early, orderly end (memorisation stop): its last line
@@ -135,10 +139,10 @@ class TrainLog(Handler):
 
     def write_line(self, step: int):
         """Collective: the mean over ranks of the sums since the last line."""
-        metrics = self.backend.mean_metrics({k: float(v) / max(self.count, 1) for k, v in self.sums.items()})
+        metrics = self.backend.mean_metrics({k: float(v) / self.counts[k] for k, v in self.sums.items()})
         if self.state.ada is not None:  # ADA: p now (the same on every rank); r_t is a step statistic above
             metrics["aug_p"] = self.state.ada.p
-        self.sums, self.count = {}, 0
+        self.sums, self.counts, self.count = {}, {}, 0
         sync_seconds = self.backend.sync_seconds
         waits = {"data": self.data_wait_s, "allreduce": sync_seconds - self.sync_seconds}
         self.data_wait_s, self.sync_seconds = 0.0, sync_seconds

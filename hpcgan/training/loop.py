@@ -22,6 +22,7 @@ from hpcgan.training.handlers import Checkpoints, Evaluation, RunRecord, SampleG
 from hpcgan.training.run_directory import RunDirectory
 from hpcgan.training.state import TrainState
 from hpcgan.training.steps import NONFINITE_KINDS, GanSteps, seed_rank
+from hpcgan.training.style_steps import StyleGAN2Steps
 
 log = get_logger("train")
 
@@ -37,7 +38,7 @@ def run_training(cfg, dataset_dir, backend, checkpointer, run_dir, source, resum
     pos = state.position
     batches = iter(loader)
 
-    steps = GanSteps(cfg, state, backend)
+    steps = (StyleGAN2Steps if cfg.loss.type == "stylegan2" else GanSteps)(cfg, state, backend)
     run = RunDirectory(run_dir, cfg, backend.describe(), source) if backend.is_root else None
     duty = (cfg, state, backend, run)
     handlers = [

@@ -12,7 +12,8 @@ here and nowhere else (hpcgan.training.checkpointing stores it and adds the conf
   rng           each rank's RNG states (torch, its own CUDA device, numpy, Python)
   ada           train.ada_target > 0: {p, sign_sum, count}, the augmentation probability (the same on
                 every rank) and the sign(D(real)) sum over ranks since its last update; None without ADA
-  replica_digest  sha256 of the weights, equal on every rank when the checkpoint was taken"""
+  replica_digest  sha256 of the weights, equal on every rank when the checkpoint was taken
+  pl_mean       StyleGAN2's path-length target (0 for other recipes), the same on every rank"""
 
 import copy
 import hashlib
@@ -25,6 +26,7 @@ import torch
 from hpcgan.augment import AdaptiveAugment
 from hpcgan.errors import HpcganError
 from hpcgan.log import get_logger
+from hpcgan.losses import lazy_ratio
 from hpcgan.models import build_discriminator, build_generator
 
 log = get_logger("train")
@@ -49,19 +51,24 @@ class TrainState:
         if tc.sync_bn and device.type == "cuda":
             G, D = backend.convert_sync_batchnorm(G), backend.convert_sync_batchnorm(D)
         self.G, self.D = G, D
-        self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if tc.ema_decay > 0 else None
+        self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if tc.uses_ema else None
         # What samples (grids, evaluation): G-EMA, or without EMA a copy of G that sync_buffers refreshes.
         self.G_sampling = self.G_ema if self.G_ema is not None else copy.deepcopy(G).eval().requires_grad_(False)
-        o = cfg.optim
+        o, lc = cfg.optim, cfg.loss
         scale = world if o.scale_lr else 1
-        betas = (o.beta1, o.beta2)
+
+        def adam(net, lr, ratio):  # ratio: the lazy-regularisation correction (1 without one)
+            betas = (o.beta1**ratio, o.beta2**ratio)
+            return torch.optim.Adam(net.parameters(), lr * scale * ratio, betas, weight_decay=o.weight_decay)
+
+        stylegan2 = lc.type == "stylegan2"
+        ratio_G = lazy_ratio(lc.pl_interval, lc.pl_weight) if stylegan2 else 1.0
+        ratio_D = lazy_ratio(lc.r1_interval, lc.r1_gamma) if stylegan2 else 1.0
         # Each optimizer is wrapped while all its parameters require grad (Horovod hooks only those).
-        self.opt_G = backend.distributed_optimizer(
-            torch.optim.Adam(G.parameters(), (o.lr_g or o.lr) * scale, betas, weight_decay=o.weight_decay), G, "G"
-        )
-        self.opt_D = backend.distributed_optimizer(
-            torch.optim.Adam(D.parameters(), (o.lr_d or o.lr) * scale, betas, weight_decay=o.weight_decay), D, "D"
-        )
+        self.opt_G = backend.distributed_optimizer(adam(G, o.lr_g or o.lr, ratio_G), G, "G")
+        self.opt_D = backend.distributed_optimizer(adam(D, o.lr_d or o.lr, ratio_D), D, "D")
+        # StyleGAN2's path-length target, the running mean over every rank's path lengths (the same everywhere).
+        self.pl_mean = torch.zeros([], device=device)
         fp16 = tc.amp == "fp16"
         self.scaler_G = torch.amp.GradScaler(device.type) if fp16 else None
         self.scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
@@ -139,6 +146,7 @@ class TrainState:
             "rng": [g["rng"] for g in gathered],
             "replica_digest": digests[0],
             "ada": ada,
+            "pl_mean": self.pl_mean.detach().cpu(),
         }
 
     def _gathered_ada(self, per_rank: list) -> dict | None:
@@ -170,6 +178,8 @@ class TrainState:
         for scaler, key in ((self.scaler_G, "scaler_G"), (self.scaler_D, "scaler_D")):
             if scaler is not None and state.get(key):
                 scaler.load_state_dict(state[key])
+        if state.get("pl_mean") is not None:
+            self.pl_mean.copy_(state["pl_mean"])
         pos.step, pos.epoch, pos.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         pos.rollbacks = state.get("rollbacks", 0)
         old_batch, world = state["config"]["train"]["batch_size"], backend.world_size
@@ -232,7 +242,7 @@ def replica_digest(*modules) -> str:
     h = hashlib.sha256()
     for module in modules:
         for t in module.parameters():
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

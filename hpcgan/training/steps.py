@@ -33,10 +33,11 @@ def seed_rank(seed: int, rank: int, step: int = 0):
     random.seed(s)
 
 
-def latent_slice(seed, step, stream, global_batch, latent_dim, num_classes, rank, batch, device):
+def latent_slice(seed, step, stream, global_batch, latent_dim, num_classes, rank, batch, device, substream=()):
     """This rank's slice of the global batch of latents (and fake class labels) for `step`. Drawn on the
-    CPU (the same numbers on any device); on CUDA copied from pinned memory without waiting."""
-    g = torch.Generator().manual_seed(seed_for(seed, step, stream))
+    CPU (the same numbers on any device); on CUDA copied from pinned memory without waiting. `substream`:
+    more keys, for a family's further draws of the same step."""
+    g = torch.Generator().manual_seed(seed_for(seed, step, stream, *substream))
     z = torch.randn(global_batch, latent_dim, generator=g)
     labels = torch.randint(0, max(num_classes, 1), (global_batch,), generator=g)
     part = slice(rank * batch, (rank + 1) * batch)
@@ -93,9 +94,8 @@ class GanSteps:
     def d_step(self, real, real_labels) -> dict:
         """Fakes without a graph through G, one backward for real + fake + penalty."""
         s, lc, pos = self.state, self.cfg.loss, self.state.position
-        z, fake_labels = self.latents(pos.step, 2 * pos.rollbacks)
         with torch.no_grad(), self.amp():
-            fake = s.G(z, fake_labels)
+            fake, fake_labels = self.generate(2 * pos.rollbacks)
         D, seen = self.D_aug, {}
         if s.ada is not None:
 
@@ -114,7 +114,21 @@ class GanSteps:
             clip_weights_(s.D, lc.clip_value)
         if s.ada is not None:
             stats.update(self.observe_overfitting(seen["real"], stats["d_fake"]))
-        return {"loss_d": loss.detach(), **stats}
+        return {"loss_d": loss.detach(), **stats, **self.d_regularize(real, real_labels)}
+
+    def generate(self, stream: int, update_averages: bool = False):
+        """(fakes, their class labels) of this rank's slice of the step's latents `stream`; `update_averages`
+        in G's main step (a family's running statistics of its latents, StyleGAN2's w_avg)."""
+        z, labels = self.latents(self.state.position.step, stream)
+        return self.state.G(z, labels), labels
+
+    def d_regularize(self, real, real_labels) -> dict:
+        """A family's lazy D regulariser, its own optimizer step after the main one (none here)."""
+        return {}
+
+    def g_regularize(self) -> dict:
+        """A family's lazy G regulariser, its own optimizer step after the main one (none here)."""
+        return {}
 
     def observe_overfitting(self, real_scores, fake_mean) -> dict:
         """ADA's heuristic r_t = E[sign(D(real) - c)] on this step's (augmented) real batch, c being D's
@@ -136,17 +150,18 @@ class GanSteps:
 
     def g_step(self) -> dict:
         """D frozen so that its gradient hooks stay silent; then the EMA of G."""
-        s, tc, pos = self.state, self.cfg.train, self.state.position
+        s, pos = self.state, self.state.position
         s.D.requires_grad_(False)
-        z, fake_labels = self.latents(pos.step, 2 * pos.rollbacks + 1)
         with self.amp():
-            loss, stats = g_loss(self.cfg.loss, self.D_aug, s.G(z, fake_labels), fake_labels)
+            fake, fake_labels = self.generate(2 * pos.rollbacks + 1, update_averages=True)
+            loss, stats = g_loss(self.cfg.loss, self.D_aug, fake, fake_labels)
         s.opt_G.zero_grad()  # torch >= 2.0: grads set to None
         (s.scaler_G.scale(loss) if s.scaler_G else loss).backward()
         self.backend.step(s.opt_G, s.scaler_G)
         s.D.requires_grad_(True)
+        stats.update(self.g_regularize())
         if s.G_ema is not None:
-            update_ema(s.G_ema, s.G, min(tc.ema_decay, (1 + pos.step) / (10 + pos.step)))
+            update_ema(s.G_ema, s.G, ema_decay(self.cfg.train, pos.step, self.global_batch))
         return {"loss_g": loss.detach(), **stats}
 
     def amp(self):
@@ -159,6 +174,18 @@ class GanSteps:
         """This rank's (kind, description) when the step just taken went NaN/inf here, else None."""
         s = self.state
         return nonfinite_reason(losses, {"G": s.G, "D": s.D}, {"G": s.scaler_G, "D": s.scaler_D})
+
+
+def ema_decay(tc, step: int, global_batch: int) -> float:
+    """G-EMA's decay at `step`. train.ema_kimg > 0: a half-life of that many thousand images (over all
+    ranks), ramped up to train.ema_rampup x the images seen so far when that is set (Karras et al.); else
+    train.ema_decay, ramped up as (1 + step) / (10 + step) early on."""
+    if tc.ema_kimg > 0:
+        images = tc.ema_kimg * 1000
+        if tc.ema_rampup > 0:
+            images = min(images, step * global_batch * tc.ema_rampup)
+        return 0.5 ** (global_batch / max(images, 1e-8))
+    return min(tc.ema_decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()

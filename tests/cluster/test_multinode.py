@@ -26,6 +26,7 @@ from hpcgan.training.checkpointing import find_latest_valid, load_checkpoint, re
 from conftest import REPO, hpcgan_cmd, mpi_env, run_cmd, run_hpcgan
 from slurm_cluster import MultiNodeSlurmCluster, SlurmUnavailable, ensure_slurm_installed
 from test_slurm import PIPELINE, PREPROCESS_ARGS, job_env, logs_of, sbatch, submit_pipeline, wait_ok
+from test_stylegan2_training import STYLE_TOLERANCE, style_args
 from test_train import PURE, assert_two_ranks_trained_like_one, train_args
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi, pytest.mark.slow]
@@ -179,6 +180,17 @@ def test_two_nodes_equal_one_process_with_twice_the_batch(
     two_nodes = srun(cluster, "-N2", "-n2", *hpcgan_cmd(*train, "--backend", backend), timeout=240)
     assert two_nodes.returncode == 0, two_nodes.stderr[-3000:]
     assert_two_ranks_trained_like_one(one_process_run, tmp_path / "two")
+
+
+def test_two_nodes_train_stylegan2_like_one_process_with_twice_the_batch(cluster, horovod_pipeline, tmp_path):
+    """StyleGAN2 across node1 and node2 (Horovod), lazy R1 and path-length steps included, gives the weights and
+    optimizer state of one process with batch 8."""
+    dataset = horovod_pipeline[0] / "data" / "dataset"
+    one = tmp_path / "one"
+    run_hpcgan(*style_args(dataset, one, 4, "train.batch_size=8"), check=True, timeout=240)
+    two_nodes = srun(cluster, "-N2", "-n2", *hpcgan_cmd(*style_args(dataset, tmp_path / "two", 4)), timeout=240)
+    assert two_nodes.returncode == 0, two_nodes.stderr[-3000:]
+    assert_two_ranks_trained_like_one(one, tmp_path / "two", **STYLE_TOLERANCE)
 
 
 # --- bad input: one line, exit 2 ----------------------------------------------------------------------

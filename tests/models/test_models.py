@@ -56,14 +56,14 @@ def check_shapes(cfg, n):
 
 
 def test_registry_lists_the_archs_model_config_accepts():
-    assert list(FAMILIES) == ["dcgan", "cepa2023"]
+    assert list(FAMILIES) == ["dcgan", "cepa2023", "stylegan2"]
     assert typing.get_args(typing.get_type_hints(ModelConfig)["arch"]) == tuple(FAMILIES)  # the loader's choices
     for arch, module in FAMILIES.items():
         assert ModelConfig(arch=arch).arch == arch and family(arch) is module
 
 
 def test_unknown_arch_is_one_error_naming_the_families():
-    message = "model.arch: must be one of dcgan, cepa2023, got 'stylegan9'"
+    message = "model.arch: must be one of dcgan, cepa2023, stylegan2, got 'stylegan9'"
     with pytest.raises(ValueError) as info:
         ModelConfig(arch="stylegan9", resolution=48)  # the arch is checked first: one error, not the resolution's
     assert str(info.value) == message
@@ -72,7 +72,7 @@ def test_unknown_arch_is_one_error_naming_the_families():
     assert str(info.value) == message
     with pytest.raises(UsageError) as info:
         build(ModelConfig, {"arch": "stylegan9"}, "x.yaml", "model.")
-    assert str(info.value) == "x.yaml: 'model.arch' must be one of dcgan, cepa2023, got 'stylegan9'"
+    assert str(info.value) == "x.yaml: 'model.arch' must be one of dcgan, cepa2023, stylegan2, got 'stylegan9'"
 
 
 @pytest.mark.parametrize(

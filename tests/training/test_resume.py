@@ -47,6 +47,16 @@ def metrics_lines(run_dir) -> list:
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 
+def train_in_one_go_and_resumed(build_args, dataset, tmp_path, steps, stop_at, sets) -> tuple:
+    """(full, split) run directories: `steps` steps on 2 ranks in one go, and stopped at `stop_at` then
+    resumed (train.steps is a safe change) to `steps`; build_args(dataset, out, steps, *sets) is the command."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    run_hpcgan_mpi(2, *build_args(dataset, full, steps, *sets), check=True, timeout=240)
+    run_hpcgan_mpi(2, *build_args(dataset, split, stop_at, *sets), check=True, timeout=240)
+    run_hpcgan_mpi(2, *build_args(dataset, split, steps, *sets), "--resume", "auto", check=True, timeout=240)
+    return full, split
+
+
 @pytest.mark.mpi
 @requires_mpirun
 @pytest.mark.parametrize(
@@ -59,11 +69,7 @@ def metrics_lines(run_dir) -> list:
 def test_resume_is_bit_exact(sample_dataset, tmp_path, loss, extra):
     # 6 training slices per rank-batch of 4 on 2 ranks: the runs cross epoch boundaries.
     sets = [f"loss.type={loss}", "checkpoint.every_steps=3", *extra]
-    full, split = tmp_path / "full", tmp_path / "split"
-    run_hpcgan_mpi(2, *train_args(sample_dataset, full, 8, *sets), check=True, timeout=240)
-    run_hpcgan_mpi(2, *train_args(sample_dataset, split, 5, *sets), check=True, timeout=240)
-    # Resume where the 5-step run stopped and go on to 8 (train.steps is a safe change).
-    run_hpcgan_mpi(2, *train_args(sample_dataset, split, 8, *sets), "--resume", "auto", check=True, timeout=240)
+    full, split = train_in_one_go_and_resumed(train_args, sample_dataset, tmp_path, 8, 5, sets)
     a, b = load_ckpt(full, 8), load_ckpt(split, 8)
     # Everything: G, D, G-EMA with their buffers, each rank's own batch-norm statistics, optimizer
     # state values and hyper-parameters, scalers, every rank's RNG, epoch and batch, config.

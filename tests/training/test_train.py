@@ -179,7 +179,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(sample_dataset, tmp_pa
     assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
 
 
-def assert_two_ranks_trained_like_one(one_dir, two_dir):
+def assert_two_ranks_trained_like_one(one_dir, two_dir, rtol=1e-4, atol=2e-5):
     """The last checkpoints of a 1-process and a 2-rank run hold the same weights and optimizer state."""
     one, two = load_ckpt(one_dir), load_ckpt(two_dir)
     assert two["world_size"] == 2
@@ -187,7 +187,9 @@ def assert_two_ranks_trained_like_one(one_dir, two_dir):
         flat_one, flat_two = _tensors(one[net]), _tensors(two[net])
         assert flat_one.keys() == flat_two.keys()
         for key in flat_one:
-            torch.testing.assert_close(flat_two[key], flat_one[key], rtol=1e-4, atol=2e-5, msg=f"{net} {key}")
+            torch.testing.assert_close(
+                flat_two[key], flat_one[key], rtol=rtol, atol=atol, msg=lambda m, net=net, key=key: f"{net} {key}: {m}"
+            )
 
 
 def _tensors(obj, prefix=""):

@@ -14,7 +14,7 @@ from hpcgan.log import get_logger
 from hpcgan.metrics import METRICS
 from hpcgan.training.checkpointing.files import CHECKPOINTS_DIR, find_latest_valid, load_checkpoint
 from hpcgan.training.checkpointing.writer import CheckpointWriter
-from hpcgan.training.config import MODEL_SECTIONS
+from hpcgan.training.config import MODEL_SECTIONS, saved_section
 from hpcgan.training.run_directory import METRICS_FILE
 
 log = get_logger("checkpoint")
@@ -112,7 +112,7 @@ class Checkpointer:
         state = load_checkpoint(path)
         current = to_dict(self.cfg)
         for section in MODEL_SECTIONS:
-            old, new = state["config"].get(section, {}), current[section]
+            old, new = saved_section(state["config"], section), current[section]
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
                 raise UsageError(
