@@ -1,8 +1,8 @@
-"""StyleGAN2's recipe as a bare PyTorch loop: the baseline benchmarks/train.py holds `hpcgan train` against (not
-a benchmark itself: run as a script, as `make bench` does, it does nothing). The same networks (hpcgan.models,
-built from the config) and the same work per step as hpcgan.training.style_steps, written out plainly with
-nothing around it: in-memory data, latents, mixing and noise drawn from torch's own RNG on the device, no
-gradient averaging, no logging, no checks.
+"""StyleGAN2's recipe as a bare PyTorch loop: the baseline benchmarks/train.py holds `hpcgan train` against (a
+module, not a benchmark itself: `make bench` leaves it out). The same networks (hpcgan.models, built from the
+config), the same penalties and EMA arithmetic (hpcgan's pure functions) and the same work per step as
+hpcgan.training.style_steps, written out plainly with nothing around it: in-memory data, latents, mixing and noise
+drawn from torch's own RNG on the device, no gradient averaging, no logging, no checks.
 
 A step: D's logistic loss on fakes made without a graph; every r1_interval steps R1 on the reals as its own Adam
 step; G's non-saturating loss with D frozen (w_avg moves); every pl_interval steps the path length on
@@ -20,9 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hpcgan.losses import path_lengths, r1_penalty
+from hpcgan.losses import lazy_ratio, path_lengths, r1_penalty
 from hpcgan.models import build_discriminator, build_generator
 from hpcgan.models.stylegan2 import num_ws
+from hpcgan.training.steps import ema_decay, update_ema
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,8 +44,8 @@ class BareStyleGAN2:
         self.G, self.D = build_generator(m).to(device), build_discriminator(m).to(device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         o = cfg.optim
-        self.opt_G = self.adam(self.G, o.lr_g or o.lr, lc.pl_interval if lc.pl_weight else 0)
-        self.opt_D = self.adam(self.D, o.lr_d or o.lr, lc.r1_interval if lc.r1_gamma else 0)
+        self.opt_G = self.adam(self.G, o.lr_g or o.lr, lazy_ratio(lc.pl_interval, lc.pl_weight))
+        self.opt_D = self.adam(self.D, o.lr_d or o.lr, lazy_ratio(lc.r1_interval, lc.r1_gamma))
         fp16 = amp == "fp16"
         self.scaler_G = torch.amp.GradScaler(device.type) if fp16 else None
         self.scaler_D = torch.amp.GradScaler(device.type) if fp16 else None
@@ -52,10 +53,9 @@ class BareStyleGAN2:
         self.pl_mean = torch.zeros([], device=device)
         self.num_ws, self.sides = num_ws(m.resolution), self.G.synthesis.noise_sides()
 
-    def adam(self, net, lr: float, interval: int):
-        """Adam with the lazy correction for a regulariser every `interval` steps (0: none)."""
+    def adam(self, net, lr: float, ratio: float):
+        """Adam with the lazy correction `ratio` (1: none)."""
         o = self.cfg.optim
-        ratio = interval / (interval + 1) if interval else 1.0
         betas = (o.beta1**ratio, o.beta2**ratio)
         return torch.optim.Adam(net.parameters(), lr * ratio, betas, weight_decay=o.weight_decay)
 
@@ -87,7 +87,7 @@ class BareStyleGAN2:
         D.requires_grad_(True)
         if lc.pl_weight and step % lc.pl_interval == 0:
             self.path_length_step(batch // lc.pl_batch_shrink)
-        self.update_ema(step, batch)
+        update_ema(self.G_ema, self.G, ema_decay(self.cfg.train, step, batch))
 
     def path_length_step(self, batch: int):
         lc = self.cfg.loss
@@ -111,20 +111,6 @@ class BareStyleGAN2:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-
-    @torch.no_grad()
-    def update_ema(self, step: int, batch: int):
-        tc = self.cfg.train
-        if tc.ema_kimg > 0:
-            images = tc.ema_kimg * 1000
-            images = min(images, step * batch * tc.ema_rampup) if tc.ema_rampup > 0 else images
-            decay = 0.5 ** (batch / max(images, 1e-8))
-        else:
-            decay = min(tc.ema_decay, (1 + step) / (10 + step))
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.lerp_(p, 1.0 - decay)
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
 
 
 def step_times(cfg, batch: int, steps: int, device, amp: str = "none") -> list:

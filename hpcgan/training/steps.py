@@ -77,18 +77,20 @@ class GanSteps:
     def D_aug(self, x, labels=None):
         return self.state.D(self.augment(x), labels)
 
-    def latents(self, step: int, stream: int):
+    def latents(self, step: int, stream: int, substream=(), shrink: int = 1):
+        """This rank's slice of the step's latents `stream` (latent_slice), of a global batch / `shrink`."""
         m, tc = self.cfg.model, self.cfg.train
         return latent_slice(
             tc.seed,
             step,
             stream,
-            self.global_batch,
+            self.global_batch // shrink,
             m.latent_dim,
             m.num_classes,
             self.backend.rank,
-            tc.batch_size,
+            tc.batch_size // shrink,
             self.backend.device,
+            substream,
         )
 
     def d_step(self, real, real_labels) -> dict:
@@ -107,9 +109,7 @@ class GanSteps:
 
         with self.amp():
             loss, stats = d_loss(lc, D, real, fake, real_labels, fake_labels)
-        s.opt_D.zero_grad()  # torch >= 2.0: grads set to None
-        (s.scaler_D.scale(loss) if s.scaler_D else loss).backward()
-        self.backend.step(s.opt_D, s.scaler_D)
+        self.optimizer_step(loss, s.opt_D, s.scaler_D)
         if lc.type == "wgan":
             clip_weights_(s.D, lc.clip_value)
         if s.ada is not None:
@@ -155,14 +155,18 @@ class GanSteps:
         with self.amp():
             fake, fake_labels = self.generate(2 * pos.rollbacks + 1, update_averages=True)
             loss, stats = g_loss(self.cfg.loss, self.D_aug, fake, fake_labels)
-        s.opt_G.zero_grad()  # torch >= 2.0: grads set to None
-        (s.scaler_G.scale(loss) if s.scaler_G else loss).backward()
-        self.backend.step(s.opt_G, s.scaler_G)
+        self.optimizer_step(loss, s.opt_G, s.scaler_G)
         s.D.requires_grad_(True)
         stats.update(self.g_regularize())
         if s.G_ema is not None:
             update_ema(s.G_ema, s.G, ema_decay(self.cfg.train, pos.step, self.global_batch))
         return {"loss_g": loss.detach(), **stats}
+
+    def optimizer_step(self, loss, optimizer, scaler):
+        """One backward of `loss` (scaled under fp16) and one averaged optimizer step."""
+        optimizer.zero_grad()  # torch >= 2.0: grads set to None
+        (scaler.scale(loss) if scaler else loss).backward()
+        self.backend.step(optimizer, scaler)
 
     def amp(self):
         return autocast_for(self.cfg.train.amp, self.backend.device)

@@ -27,7 +27,7 @@ import torch
 from hpcgan.generation import seed_for
 from hpcgan.losses import path_lengths, r1_penalty
 from hpcgan.models.stylegan2 import num_ws
-from hpcgan.training.steps import GanSteps, latent_slice
+from hpcgan.training.steps import GanSteps
 
 # Sub-streams of a step's stream (steps.py's stream = 2 x rollbacks, + 1 for G).
 MIXING, NOISE, PATH_LENGTH, PROJECTION = 1, 2, 3, 4
@@ -40,18 +40,7 @@ class StyleGAN2Steps(GanSteps):
         m, tc, backend = self.cfg.model, self.cfg.train, self.backend
         step, seed = self.state.position.step, tc.seed
         global_batch, batch = self.global_batch // shrink, tc.batch_size // shrink
-        z, labels = latent_slice(
-            seed,
-            step,
-            stream,
-            global_batch,
-            m.latent_dim,
-            m.num_classes,
-            backend.rank,
-            batch,
-            backend.device,
-            substream,
-        )
+        z, labels = self.latents(step, stream, substream, shrink)
         part = slice(backend.rank * batch, (backend.rank + 1) * batch)
         g = torch.Generator().manual_seed(seed_for(seed, step, stream, *substream, MIXING))
         mixed = bool(torch.rand((), generator=g) < self.cfg.loss.style_mixing)
@@ -119,8 +108,3 @@ class StyleGAN2Steps(GanSteps):
         """The path length's random image-space direction y ~ N(0, 1) / sqrt(pixels), this rank's samples."""
         y = self.per_sample_normal((stream, PATH_LENGTH, PROJECTION), math.prod(shape[1:]), shape[0])
         return y.reshape(shape) / math.sqrt(shape[2] * shape[3])
-
-    def optimizer_step(self, loss, optimizer, scaler):
-        optimizer.zero_grad()
-        (scaler.scale(loss) if scaler else loss).backward()
-        self.backend.step(optimizer, scaler)
