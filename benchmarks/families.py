@@ -3,7 +3,7 @@ one equal wall-clock budget each: the selected checkpoint of every family scored
 (swd, msssim, memorization and the segmentation task, each beside its real-vs-real baseline), as ONE
 table (Markdown, and JSON with --out).
 
-Data: `hpcgan sample-data`, preprocessed as the tests' tissue dataset (tests/test_joint.py): t1 with the
+Data: `hpcgan sample-data`, preprocessed as the tests' tissue dataset (TISSUE in tests/conftest.py): t1 with the
 3-class `tissue` mask (background, grey matter, white matter: one label set for both brains), axial
 slices 60:108 at 64x64, split by subject (MNI152 trains, 48 slices; Colin27 is the validation brain).
 
